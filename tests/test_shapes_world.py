@@ -8,7 +8,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hyperbagel.datamodules.shapes import EDIT_KINDS, T2I_CATEGORIES, VQA_CATEGORIES, ShapesWorld, _t2i_pool
+from hyperbagel.datamodules.shapes import (
+    EDIT_KINDS,
+    T2I_CATEGORIES,
+    VQA_CATEGORIES,
+    ShapesWorld,
+    t2i_spec_pool,
+    t2i_split_pool,
+)
 from hyperbagel.datamodules.shapes_scene import PALETTE, Scene, ShapeObject, label_map, render, render_array
 from hyperbagel.datamodules.shapes_text import describe_scene, detokenize, words, world_vocabulary
 from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
@@ -128,9 +135,9 @@ def test_t2i_samples_satisfy_their_prompts(world):
 
 def test_t2i_pools_partition_and_splits_disjoint(world):
     for category in T2I_CATEGORIES:
-        pools = {split: world.t2i_split_pool(category, split) for split in ("train", "val", "test")}
+        pools = {split: t2i_split_pool(category, split) for split in ("train", "val", "test")}
         assert all(pools.values()), category
-        assert sorted(map(repr, sum(pools.values(), []))) == sorted(map(repr, _t2i_pool(category)))
+        assert sorted(map(repr, sum(pools.values(), []))) == sorted(map(repr, t2i_spec_pool(category)))
     prompts = {
         split: {s.prompt for s in world.samples("t2i", split, 600 if split == "train" else 300)}
         for split in ("train", "val", "test")

@@ -24,7 +24,7 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache
 from itertools import combinations
 
 from PIL import Image
@@ -130,7 +130,7 @@ def _check(kind: str, split: str, category: str | None) -> None:
         raise ValueError(f"unknown {kind} category {category!r}; expected one of {KINDS[kind]}")
 
 
-def _t2i_pool(category: str) -> list[tuple]:
+def t2i_spec_pool(category: str) -> list[tuple]:
     """Canonical prompt specs of a category (the unit of the t2i split)."""
     if category in ("single_object", "colors"):
         return list(IDENTITIES)
@@ -141,7 +141,25 @@ def _t2i_pool(category: str) -> list[tuple]:
         return [(a, b) for a, b in pairs if (a[0] == b[0]) != (a[1] == b[1])]
     if category == "color_attr":  # colours and shapes both differ, so binding them matters
         return [(a, b) for a, b in pairs if a[0] != b[0] and a[1] != b[1]]
-    return [(a, rel, b) for a in IDENTITIES for b in IDENTITIES if a != b for rel in ("left", "above")]
+    if category == "position":  # "a left of b" and "a above b"; "right" / "below" are their rephrasings
+        return [(a, rel, b) for a in IDENTITIES for b in IDENTITIES if a != b for rel in ("left", "above")]
+    raise ValueError(f"unknown t2i category {category!r}; expected one of {T2I_CATEGORIES}")
+
+
+@cache
+def _t2i_split_pools() -> dict[str, dict[str, list[tuple]]]:
+    pools: dict[str, dict[str, list[tuple]]] = {}
+    for category in T2I_CATEGORIES:
+        pool = sorted(t2i_spec_pool(category), key=lambda spec, c=category: _unit_hash(f"t2i|{c}|{spec!r}"))
+        k = max(1, round(HELD_OUT_FRACTION * len(pool)))
+        pools[category] = {"test": pool[:k], "val": pool[k : 2 * k], "train": pool[2 * k :]}
+    return pools
+
+
+def t2i_split_pool(category: str, split: str) -> list[tuple]:
+    """The canonical prompt specs of `category` assigned to `split` (the same for every seed)."""
+    _check("t2i", split, category)
+    return list(_t2i_split_pools()[category][split])
 
 
 def _boxes_apart(a: ShapeObject, b: ShapeObject, gap: int) -> bool:
@@ -184,24 +202,10 @@ class ShapesWorld:
         make = {"t2i": self._t2i, "edit": self._edit, "vqa": self._vqa}[kind]
         return [make(rng, categories[i % len(categories)], split) for i in range(n)]
 
-    def t2i_split_pool(self, category: str, split: str) -> list[tuple]:
-        """The canonical prompt specs of `category` assigned to `split`."""
-        _check("t2i", split, category)
-        return self._pools[category][split]
-
     # ---- text-to-image -------------------------------------------------------------------------------
 
-    @cached_property
-    def _pools(self) -> dict[str, dict[str, list[tuple]]]:
-        pools: dict[str, dict[str, list[tuple]]] = {}
-        for category in T2I_CATEGORIES:
-            pool = sorted(_t2i_pool(category), key=lambda spec, c=category: _unit_hash(f"t2i|{c}|{spec!r}"))
-            k = max(1, round(HELD_OUT_FRACTION * len(pool)))
-            pools[category] = {"test": pool[:k], "val": pool[k : 2 * k], "train": pool[2 * k :]}
-        return pools
-
     def _t2i(self, rng: random.Random, category: str, split: str) -> T2ISample:
-        spec = rng.choice(self._pools[category][split])
+        spec = rng.choice(_t2i_split_pools()[category][split])
         relation = None
         if category in ("single_object", "colors"):
             objects = (spec,)

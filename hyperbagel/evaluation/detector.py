@@ -1,12 +1,18 @@
 """Programmatic object detector for shapes-world images (the scorers' eyes).
 
-Pipeline: nearest-palette segmentation with a distance threshold (pixels far from every palette colour
-and from the background are "unknown"), 4-connected components per colour, specks below a tiny area
-dropped, then each blob's shape classified by IoU against the world's own shape templates
-(:func:`~hyperbagel.datamodules.shapes_scene.shape_mask`) fitted to its bounding box. Blobs that are too
-small, too elongated or fit no template well are reported with shape "unknown". Unknown-colour and
-speck pixels within a thin halo of a recognised object count as its edge (blur, JPEG ringing); the rest
-are "unexplained" and make the image unclean.
+Pipeline:
+1. nearest-palette segmentation with a distance threshold; pixels far from every palette colour and
+   from the background are "unknown";
+2. 4-connected components per colour; components below a tiny area are specks;
+3. each blob absorbs its soft edge: unknown / speck pixels within a thin halo that lie at least half-way
+   from the background to its colour (anti-aliasing, mild blur, JPEG damage), so a generated image
+   that is not pixel-perfect keeps its shapes;
+4. the shape is the best IoU among the world's own templates
+   (:func:`~hyperbagel.datamodules.shapes_scene.shape_mask`) fitted to the blob's box. Blobs too
+   small, too elongated, fitting no template well, or whose soft edge is too wide per boundary pixel
+   (a smear) are reported with shape "unknown";
+5. unknown / speck pixels neither absorbed nor within the halo of a recognised object are "unexplained";
+   more than a small budget of them makes the image unclean.
 """
 
 from __future__ import annotations
@@ -16,7 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from hyperbagel.datamodules.shapes_scene import BACKGROUND, COLORS, PALETTE, SHAPES, UNKNOWN_LABEL, shape_mask
+from hyperbagel.datamodules.shapes_scene import (
+    BACKGROUND,
+    BACKGROUND_LABEL,
+    COLORS,
+    PALETTE,
+    SHAPES,
+    UNKNOWN_LABEL,
+    shape_mask,
+)
 
 UNKNOWN_SHAPE = "unknown"
 # Row i is the RGB of label i: 0 the background, then the palette in COLORS order.
@@ -32,7 +46,7 @@ class DetectorConfig:
     min_side_fraction: float = 0.12  # blobs narrower than this are not objects (palette objects are >= 0.18)
     max_aspect: float = 1.4  # world objects have square boxes
     min_iou: float = 0.8  # best template IoU needed to name a shape
-    halo_fraction: float = 1 / 32  # unknown pixels this close to an object are its edge
+    halo_fraction: float = 1 / 32  # width of an object's soft-edge zone (2 px at 64)
     max_matte_residual: float = 100.0  # edge pixels absorbed into an object must lie near its colour axis
     # A blob whose soft-edge pixels per boundary pixel exceed max(min_edge_width_limit,
     # max_edge_width_fraction * side) is a smear, not a shape (the floor spares JPEG edges on small canvases).
@@ -49,7 +63,7 @@ class DetectedObject:
     color: str
     shape: str  # one of SHAPES or UNKNOWN_SHAPE
     centroid: tuple[float, float]  # (x, y) mean of pixel centres
-    area: int
+    area: int  # pixels, absorbed soft edge included
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), exclusive x1, y1
     iou: float  # IoU with the named shape's template (best template if unknown)
     edge_width: float  # soft-edge pixels per boundary pixel (0 for an exact render)
@@ -167,10 +181,26 @@ def _perimeter(mask: np.ndarray) -> int:
     return int((mask & ~interior).sum())
 
 
+def _soft_edge(
+    rgb: np.ndarray, blob: np.ndarray, label: int, free: np.ndarray, halo: int, config: DetectorConfig
+):
+    """Free pixels within `halo` of the blob that lie at least half-way from the background to the blob's
+    colour and near the line between them: its anti-aliased, blurred or JPEG-damaged edge."""
+    near = dilate(blob, halo) & free
+    background = _LABEL_RGB[BACKGROUND_LABEL]
+    axis = _LABEL_RGB[label] - background
+    offset = rgb[near].astype(np.float32) - background
+    t = offset @ axis / float(axis @ axis)
+    residual = np.linalg.norm(offset - t[:, None] * axis, axis=1)
+    edge = np.zeros_like(near)
+    edge[near] = (t >= 0.5) & (residual <= config.max_matte_residual)
+    return edge
+
+
 def detect(image: Image.Image | np.ndarray, config: DetectorConfig = DEFAULT_CONFIG) -> Detection:
     """Detect the coloured shapes of an image; see the module docstring for the rules."""
-    rgb = to_rgb_array(image).astype(np.float32)
-    labels = segment(rgb.astype(np.uint8), config)
+    rgb = to_rgb_array(image)
+    labels = segment(rgb, config)
     h, w = labels.shape
     side = min(h, w)
     halo = max(1, round(config.halo_fraction * side))
@@ -180,35 +210,25 @@ def detect(image: Image.Image | np.ndarray, config: DetectorConfig = DEFAULT_CON
     speck_area = max(2.0, config.speck_fraction * h * w)
     speck = np.zeros((h, w), dtype=bool)
     speck[fg] = counts[inverse] < speck_area
-    # Pixels no object owns yet: unknown colours and specks. Objects absorb those of them near their
-    # blob that lie at least half-way from the background to their colour (anti-aliased / JPEG edges).
+    # Pixels no object owns: unknown colours and specks. Each blob first absorbs its soft edge.
     free = (labels == UNKNOWN_LABEL) | speck
-    bg = _LABEL_RGB[0]
     blobs = []
-    for root, area in zip(roots, counts, strict=True):
-        if area < speck_area:
-            continue
-        mask = comp == root
+    for root in roots[counts >= speck_area]:
         label = int(labels.flat[root])
-        axis = _LABEL_RGB[label] - bg
-        near = dilate(mask, halo) & free
-        offset = rgb[near] - bg
-        t = offset @ axis / float(axis @ axis)
-        resid = np.linalg.norm(offset - t[:, None] * axis, axis=1)
-        take = (t >= 0.5) & (resid <= config.max_matte_residual)
-        absorbed = np.zeros((h, w), dtype=bool)
-        absorbed[np.nonzero(near)[0][take], np.nonzero(near)[1][take]] = True
-        free &= ~absorbed
-        blobs.append((label, mask | absorbed, int(take.sum())))
+        blob = comp == root
+        edge = _soft_edge(rgb, blob, label, free, halo, config)
+        free &= ~edge
+        blobs.append((label, blob | edge, int(edge.sum())))
+    max_edge_width = max(config.min_edge_width_limit, config.max_edge_width_fraction * side)
     known = np.zeros((h, w), dtype=bool)
     objects = []
     for label, mask, absorbed in blobs:
         ys, xs = np.nonzero(mask)
         x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
         shape, iou = classify_shape(mask[y0:y1, x0:x1], side, config)
-        edge = int((dilate(mask, halo) & free).sum())
-        edge_width = (absorbed + edge) / max(1, _perimeter(mask))
-        if edge_width > max(config.min_edge_width_limit, config.max_edge_width_fraction * side):
+        # Soft-edge pixels inside (absorbed) and just outside (still free) per boundary pixel.
+        edge_width = (absorbed + int((dilate(mask, halo) & free).sum())) / _perimeter(mask)
+        if edge_width > max_edge_width:
             shape = UNKNOWN_SHAPE
         centroid = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
         objects.append(
