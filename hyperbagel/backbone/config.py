@@ -1,0 +1,192 @@
+"""Configuration of the unified BAGEL model and its named presets.
+
+A `BagelConfig` bundles the three sub-configurations BAGEL itself uses (a transformers `Qwen2Config`
+for the language model, a `SiglipVisionConfig` for the ViT, the FLUX autoencoder parameters) plus the
+few glue settings of the unified model. The loader adjustments BAGEL applies to the configs it reads
+from disk (QK-norm, untied head, MoT layers, one ViT layer dropped) live in `adjust_loaded_configs` so
+that presets, checkpoints and tests agree on them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Qwen2Config, SiglipVisionConfig
+
+from hyperbagel.backbone.autoencoder import AutoencoderConfig
+
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+@dataclass
+class SpecialTokenIds:
+    """Ids of the four marker tokens BAGEL wraps text and image blocks in."""
+
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> SpecialTokenIds:
+        ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        unk = getattr(tokenizer, "unk_token_id", None)
+        missing = [tok for tok, i in zip(SPECIAL_TOKENS, ids) if i is None or (unk is not None and i == unk)]
+        if missing:
+            raise ValueError(f"tokenizer lacks BAGEL's special tokens {missing}")
+        return cls(*ids)
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BagelConfig:
+    """Everything needed to build a `Bagel` model (weights excluded)."""
+
+    llm: Qwen2Config
+    vit: SiglipVisionConfig
+    vae: AutoencoderConfig
+    special_tokens: SpecialTokenIds
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+    timestep_shift: float = 1.0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.hidden_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.z_channels
+
+    @property
+    def latent_token_dim(self) -> int:
+        return self.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def image_stride(self) -> int:
+        """Pixels per latent token side: VAE downsampling times the latent patch (16 for BAGEL)."""
+        return self.vae.downsample_factor * self.latent_patch_size
+
+    @property
+    def vit_patch_size(self) -> int:
+        return self.vit.patch_size
+
+    def copy(self) -> BagelConfig:
+        return copy.deepcopy(self)
+
+
+def adjust_loaded_configs(llm: Qwen2Config, vit: SiglipVisionConfig, drop_vit_layer: bool = True) -> None:
+    """Apply BAGEL's loader adjustments in place: QK-norm, untied head, MoT layers, last ViT layer dropped."""
+    llm.qk_norm = True
+    llm.tie_word_embeddings = False
+    llm.layer_module = "Qwen2MoTDecoderLayer"
+    vit.rope = False
+    if drop_vit_layer:
+        vit.num_hidden_layers = vit.num_hidden_layers - 1
+    vit._attn_implementation = "sdpa"
+
+
+def _qwen2(**kwargs: Any) -> Qwen2Config:
+    cfg = Qwen2Config(**kwargs)
+    cfg.qk_norm = True
+    cfg.tie_word_embeddings = False
+    cfg.layer_module = "Qwen2MoTDecoderLayer"
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def _siglip(**kwargs: Any) -> SiglipVisionConfig:
+    cfg = SiglipVisionConfig(**kwargs)
+    cfg.rope = False
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def tiny_config(vocab_size: int = 64) -> BagelConfig:
+    """A ~0.1M-parameter model with every BAGEL component, for unit tests (16 px images -> 4x4 tokens)."""
+    llm = _qwen2(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+    )
+    vit = _siglip(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        patch_size=2,
+        image_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
+    vae = AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_num_groups=4)
+    specials = SpecialTokenIds(
+        im_start=vocab_size - 4, im_end=vocab_size - 3, vision_start=vocab_size - 2, vision_end=vocab_size - 1
+    )
+    return BagelConfig(
+        llm=llm, vit=vit, vae=vae, special_tokens=specials, max_latent_size=8, vit_max_num_patch_per_side=8
+    )
+
+
+def bagel_7b_mot_config() -> BagelConfig:
+    """The real BAGEL-7B-MoT dimensions (Qwen2.5-7B + SigLIP so400m/14 with 26 layers + FLUX VAE)."""
+    llm = _qwen2(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+    )
+    vit = _siglip(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=980,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
+    specials = SpecialTokenIds(im_start=151644, im_end=151645, vision_start=151652, vision_end=151653)
+    return BagelConfig(
+        llm=llm,
+        vit=vit,
+        vae=AutoencoderConfig.flux(),
+        special_tokens=specials,
+        max_latent_size=64,
+        vit_max_num_patch_per_side=70,
+    )
+
+
+PRESETS = {"tiny": tiny_config, "bagel-7b-mot": bagel_7b_mot_config}
+
+
+def preset(name: str, **kwargs: Any) -> BagelConfig:
+    """Build a named preset; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name](**kwargs)
+
+
+def register_preset(name: str, factory: Any) -> None:
+    """Let other modules (e.g. the shapes world) add presets without this file knowing them."""
+    PRESETS[name] = factory
