@@ -55,6 +55,10 @@ class BagelConfig:
     vit_max_num_patch_per_side: int = 70
     connector_act: str = "gelu_pytorch_tanh"
     timestep_shift: float = 1.0
+    vae_max_image_size: int = 1024
+    vae_min_image_size: int = 512
+    vit_max_image_size: int = 980
+    vit_min_image_size: int = 224
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,7 +142,16 @@ def tiny_config(vocab_size: int = 64) -> BagelConfig:
         im_start=vocab_size - 4, im_end=vocab_size - 3, vision_start=vocab_size - 2, vision_end=vocab_size - 1
     )
     return BagelConfig(
-        llm=llm, vit=vit, vae=vae, special_tokens=specials, max_latent_size=8, vit_max_num_patch_per_side=8
+        llm=llm,
+        vit=vit,
+        vae=vae,
+        special_tokens=specials,
+        max_latent_size=8,
+        vit_max_num_patch_per_side=8,
+        vae_max_image_size=32,
+        vae_min_image_size=8,
+        vit_max_image_size=16,
+        vit_min_image_size=4,
     )
 
 

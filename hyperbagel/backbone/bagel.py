@@ -1,0 +1,230 @@
+"""The unified BAGEL model: one MoT language model reading text, ViT features and VAE latent tokens.
+
+`Bagel` owns the trainable parts under BAGEL's checkpoint names (`language_model`, `vit_model`,
+`connector`, `vit_pos_embed`, `latent_pos_embed`, `time_embedder`, `vae2llm`, `llm2vae`). The frozen
+autoencoder rides along (it follows `.to()`) but stays out of `state_dict`, exactly as BAGEL keeps it in
+its own `ae.safetensors`. Everything runs through `forward_packed`: training packs, context prefill and
+the noisy-latent queries of image generation are all packed sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperbagel.backbone.autoencoder import BagelAutoencoder, patchify_latents, unpatchify_latents
+from hyperbagel.backbone.config import BagelConfig
+from hyperbagel.backbone.embeddings import MLPConnector, PositionEmbedding, TimestepEmbedder
+from hyperbagel.backbone.flow import add_noise, sample_training_timesteps, velocity_target
+from hyperbagel.backbone.kv_cache import KVCache
+from hyperbagel.backbone.language_model import Qwen2MoTForCausalLM
+from hyperbagel.backbone.packing import PackedSequence, VaeImage
+from hyperbagel.backbone.vision import SiglipNaViT
+
+
+@dataclass
+class PackedOutput:
+    """Final hidden states [rows, seq, hidden] (after the expert norms) and optionally each layer's input."""
+
+    hidden: torch.Tensor
+    hidden_states: list[torch.Tensor] | None = None
+
+
+@dataclass
+class TrainingLosses:
+    """BAGEL's two losses, each already normalised by its token count (zero when a pack has no such token)."""
+
+    ce: torch.Tensor
+    mse: torch.Tensor
+    num_ce_tokens: int
+    num_mse_tokens: int
+
+
+class Bagel(nn.Module):
+    """BAGEL's unified model with its exact parameter names."""
+
+    def __init__(self, config: BagelConfig, autoencoder: BagelAutoencoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.language_model = Qwen2MoTForCausalLM(config.llm)
+        self.vit_model = SiglipNaViT(config.vit, config.vit_max_num_patch_per_side)
+        self.connector = MLPConnector(config.vit.hidden_size, hidden, hidden, act=config.connector_act)
+        self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, hidden)
+        self.time_embedder = TimestepEmbedder(hidden)
+        self.vae2llm = nn.Linear(config.latent_token_dim, hidden)
+        self.llm2vae = nn.Linear(hidden, config.latent_token_dim)
+        self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
+        nn.init.zeros_(self.llm2vae.weight)
+        nn.init.zeros_(self.llm2vae.bias)
+        self._autoencoder = autoencoder
+
+    # --- the autoencoder, kept out of the state dict -------------------------------------------------
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "_autoencoder":  # bypass Module registration: not a submodule, not in state_dict
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def autoencoder(self) -> BagelAutoencoder:
+        if self._autoencoder is None:
+            raise RuntimeError(
+                "this Bagel has no autoencoder attached; pass one or load with from_pretrained"
+            )
+        return self._autoencoder
+
+    @autoencoder.setter
+    def autoencoder(self, value: BagelAutoencoder | None) -> None:
+        if value is not None:
+            value.requires_grad_(False).eval()
+        self._autoencoder = value
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's private signature
+        super()._apply(fn, recurse)
+        if self._autoencoder is not None:
+            self._autoencoder._apply(fn, recurse)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae2llm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae2llm.weight.dtype
+
+    # --- latents ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_latent_tokens(self, images: list[VaeImage]) -> list[torch.Tensor]:
+        """Clean latent tokens [h*w, token_dim] of each VAE image (same-sized pixels encoded together)."""
+        tokens: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            if image.latents is not None:
+                latents = image.latents.to(self.device, self.dtype)[None]
+                tokens[i] = patchify_latents(latents, self.config.latent_patch_size)[0]
+            else:
+                by_size.setdefault(tuple(image.pixels.shape), []).append(i)
+        for indices in by_size.values():
+            pixels = torch.stack([images[i].pixels for i in indices]).to(self.device)
+            latents = self.autoencoder.encode(pixels).to(self.dtype)
+            for i, t in zip(indices, patchify_latents(latents, self.config.latent_patch_size)):
+                tokens[i] = t
+        return tokens  # type: ignore[return-value]
+
+    def tokens_to_latents(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[B, h*w, D] latent tokens -> [B, C, 2h, 2w] latents."""
+        return unpatchify_latents(
+            tokens, grid[0], grid[1], self.config.latent_patch_size, self.config.latent_channels
+        )
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[B, h*w, D] latent tokens -> images [B, 3, H, W] in [-1, 1]."""
+        return self.autoencoder.decode(self.tokens_to_latents(tokens, grid))
+
+    # --- embedding and forward ----------------------------------------------------------------------
+    def embed_latents(
+        self, tokens: torch.Tensor, timesteps: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """`vae2llm(x_t) + time_embed(t) + latent_pos_embed(pos)` for [N, D] tokens with per-token t [N]."""
+        return (
+            self.vae2llm(tokens.to(self.dtype))
+            + self.time_embedder(timesteps)
+            + self.latent_pos_embed(position_ids)
+        )
+
+    def embed_packed(
+        self,
+        packed: PackedSequence,
+        vae_tokens: torch.Tensor | None = None,
+        vae_timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[rows, seq, hidden] input embeddings: text tokens, ViT features, latent tokens at their indexes."""
+        rows, seq = packed.shape
+        embeds = self.language_model.model.embed_tokens(packed.input_ids).reshape(rows * seq, -1)
+        if packed.vit_images:
+            features, _, vit_positions = self.vit_model.encode_images(
+                [im.to(self.dtype) for im in packed.vit_images]
+            )
+            vit = self.connector(features) + self.vit_pos_embed(vit_positions)
+            embeds = embeds.index_copy(0, packed.vit_index, vit.to(embeds.dtype))
+        if packed.vae_images:
+            if vae_tokens is None or vae_timesteps is None:
+                raise ValueError("a pack with VAE images needs vae_tokens and vae_timesteps")
+            latent = self.embed_latents(vae_tokens, vae_timesteps, packed.vae_position_ids)
+            embeds = embeds.index_copy(0, packed.vae_index, latent.to(embeds.dtype))
+        return embeds.reshape(rows, seq, -1)
+
+    def forward_packed(
+        self,
+        packed: PackedSequence,
+        vae_tokens: torch.Tensor | None = None,
+        vae_timesteps: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> PackedOutput:
+        """Run a pack through the model; with a cache its tokens are written past the context, uncommitted."""
+        embeds = self.embed_packed(packed, vae_tokens, vae_timesteps)
+        block_mask = packed.block_mask()
+        if cache is None:
+            mask = block_mask[:, None]
+        else:
+            cache.reserve(packed.shape[1])
+            mask = cache.attention_mask(
+                packed.shape[1], block_mask=block_mask, valid_new=packed.valid_lengths
+            )
+        out = self.language_model.model(
+            embeds,
+            packed.position_ids,
+            attention_mask=mask,
+            gen_mask=packed.gen_mask,
+            cache=cache,
+            output_hidden_states=output_hidden_states,
+        )
+        return PackedOutput(hidden=out.last_hidden_state, hidden_states=out.hidden_states)
+
+    def gather(self, hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])[flat_index]
+
+    def text_logits(self, output: PackedOutput, packed: PackedSequence) -> torch.Tensor:
+        """Logits [num CE tokens, vocab] at the positions that carry a text label."""
+        return self.language_model.lm_head(self.gather(output.hidden, packed.ce_index))
+
+    def velocity(self, output: PackedOutput, packed: PackedSequence) -> torch.Tensor:
+        """Predicted velocity [num VAE tokens, D] at every latent position (meaningful for noisy ones)."""
+        return self.llm2vae(self.gather(output.hidden, packed.vae_index))
+
+    def training_losses(
+        self, packed: PackedSequence, timestep_shift: float = 1.0, generator: torch.Generator | None = None
+    ) -> TrainingLosses:
+        """BAGEL's training objective on a pack: next-token CE on text blocks with loss, velocity MSE on
+        noisy latents drawn at logit-normal shifted times (clean latents enter at t = 0)."""
+        zero = self.vae2llm.weight.sum() * 0.0  # keeps an empty loss in the graph (DDP sees every parameter)
+        vae_tokens = timesteps = noisy = target = None
+        if packed.vae_images:
+            clean = torch.cat(self.encode_latent_tokens(packed.vae_images))
+            token_image = packed.vae_token_image.to(self.device)
+            noisy = packed.vae_noisy.to(self.device)[token_image]
+            image_t = sample_training_timesteps(
+                len(packed.vae_images), timestep_shift, generator, device=self.device
+            )
+            timesteps = torch.where(noisy, image_t[token_image], torch.zeros_like(image_t[token_image]))
+            noise = torch.randn(clean.shape, generator=generator, device=self.device, dtype=clean.dtype)
+            vae_tokens = torch.where(noisy[:, None], add_noise(clean, noise, timesteps), clean)
+            target = velocity_target(clean, noise)
+        output = self.forward_packed(packed, vae_tokens, timesteps)
+        ce = zero
+        if packed.ce_index.numel():
+            logits = self.text_logits(output, packed).float()
+            ce = F.cross_entropy(logits, packed.ce_labels.to(logits.device))
+        mse, num_noisy = zero, 0
+        if noisy is not None and bool(noisy.any()):
+            num_noisy = int(noisy.sum())
+            error = self.velocity(output, packed)[noisy].float() - target[noisy].float()
+            mse = error.pow(2).mean(dim=-1).mean()
+        return TrainingLosses(ce=ce, mse=mse, num_ce_tokens=packed.ce_index.numel(), num_mse_tokens=num_noisy)
