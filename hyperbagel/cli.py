@@ -1,0 +1,39 @@
+"""The ``hyperbagel`` command: Lightning's CLI over every stage and data module of the package.
+
+Models and data modules are chosen by class path (subclass mode), so a new stage or data set is
+usable from YAML without touching this file.
+"""
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+
+class HyperBagelCLI(LightningCLI):
+    """LightningCLI with hyperbagel's defaults.
+
+    Stages build their own optimizers from optimizer classes given as init args, so the CLI adds
+    no ``--optimizer``/``--lr_scheduler`` options. The resolved config is saved beside the logs and
+    may be overwritten, so a run repeated into the same directory does not fail at the end of setup.
+    Config files go through OmegaConf, so a stage config can interpolate values such as
+    ``${trainer.max_steps}``; ``prog`` keeps usage messages the same under ``python -m hyperbagel``.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"prog": "hyperbagel", "parser_mode": "omegaconf"})
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``hyperbagel`` console script; ``args`` defaults to ``sys.argv[1:]``."""
+    HyperBagelCLI(args=args)
