@@ -169,6 +169,8 @@ class Bagel(nn.Module):
         output_hidden_states: bool = False,
     ) -> PackedOutput:
         """Run a pack through the model; with a cache its tokens are written past the context, uncommitted."""
+        if packed.input_ids.device != self.device:
+            packed = packed.to(self.device)
         embeds = self.embed_packed(packed, vae_tokens, vae_timesteps)
         block_mask = packed.block_mask()
         if cache is None:
@@ -186,6 +188,34 @@ class Bagel(nn.Module):
             cache=cache,
             output_hidden_states=output_hidden_states,
         )
+        return PackedOutput(hidden=out.last_hidden_state, hidden_states=out.hidden_states)
+
+    def forward_tokens(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        position_ids: torch.Tensor | None = None,
+        block_mask: torch.Tensor | None = None,
+        commit: bool = True,
+        output_hidden_states: bool = False,
+    ) -> PackedOutput:
+        """Append k text tokens [B, k] to a cache (decoding, or verifying a draft in one forward).
+
+        Positions default to each row's RoPE cursor + 0..k-1 and the mask to causal; a tree draft passes
+        its own depths as positions and its ancestor mask as `block_mask` [k, k] or [B, k, k].
+        """
+        k = input_ids.shape[1]
+        if position_ids is None:
+            cursor = torch.tensor(cache.rope_cursor, device=input_ids.device)
+            position_ids = cursor[:, None] + torch.arange(k, device=input_ids.device)[None]
+        cache.reserve(k)
+        mask = cache.attention_mask(k, block_mask=block_mask)
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        out = self.language_model.model(
+            embeds, position_ids, attention_mask=mask, cache=cache, output_hidden_states=output_hidden_states
+        )
+        if commit:
+            cache.commit(k, k)
         return PackedOutput(hidden=out.last_hidden_state, hidden_states=out.hidden_states)
 
     def gather(self, hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:

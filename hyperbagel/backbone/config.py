@@ -113,7 +113,7 @@ def _siglip(**kwargs: Any) -> SiglipVisionConfig:
     return cfg
 
 
-def tiny_config(vocab_size: int = 64) -> BagelConfig:
+def tiny_config(vocab_size: int = 64, special_tokens: SpecialTokenIds | None = None) -> BagelConfig:
     """A ~0.1M-parameter model with every BAGEL component, for unit tests (16 px images -> 4x4 tokens)."""
     llm = _qwen2(
         vocab_size=vocab_size,
@@ -138,7 +138,7 @@ def tiny_config(vocab_size: int = 64) -> BagelConfig:
         layer_norm_eps=1e-6,
     )
     vae = AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_num_groups=4)
-    specials = SpecialTokenIds(
+    specials = special_tokens or SpecialTokenIds(
         im_start=vocab_size - 4, im_end=vocab_size - 3, vision_start=vocab_size - 2, vision_end=vocab_size - 1
     )
     return BagelConfig(

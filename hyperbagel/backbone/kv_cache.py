@@ -132,6 +132,17 @@ class KVCache:
         self.keys[:, :, :, start : start + count] = self.keys[:, :, :, positions]
         self.values[:, :, :, start : start + count] = self.values[:, :, :, positions]
 
+    def narrow(self, start: int, length: int) -> KVCache:
+        """A cache over batch rows [start, start + length) sharing this one's storage (no copy).
+
+        Safe for uncommitted queries (e.g. the conditional rows of a CFG batch); do not grow it.
+        """
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = self.keys[:, start : start + length], self.values[:, start : start + length]
+        view.lengths = self.lengths[start : start + length]
+        view.rope_cursor = self.rope_cursor[start : start + length]
+        return view
+
     def clone(self) -> KVCache:
         other = KVCache.__new__(KVCache)
         other.keys, other.values = self.keys.clone(), self.values.clone()

@@ -1,0 +1,309 @@
+"""Inference primitives: KV-cached contexts, text generation, and image generation / editing with CFG.
+
+Everything works on batches. A context is a KV cache with one row per sample, prefilled from packed
+blocks in one forward (VAE block then ViT block per input image, as BAGEL builds it). Image generation
+stacks the three CFG contexts of every prompt as rows of ONE cache, [conditional | no text | no image],
+so each sampling step is a single batched forward; outside the CFG interval only the conditional rows run.
+The pieces (`prefill`, `ImageContexts.velocity`, `sample_latent_tokens`) are public because the
+distillation stages drive the same sampler with their own step grids, guidance and callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from hyperbagel.backbone.autoencoder import patchify_latents, tensor_to_pil
+from hyperbagel.backbone.bagel import Bagel
+from hyperbagel.backbone.flow import CFGConfig, StepCallback, cfg_combine, euler_sample, sampling_schedule
+from hyperbagel.backbone.image_transforms import vae_input, vit_input
+from hyperbagel.backbone.kv_cache import KVCache
+from hyperbagel.backbone.packing import Sample, TextBlock, VaeImage, VitImage, pack
+
+
+@torch.no_grad()
+def prefill(model: Bagel, samples: Sequence[Sample], capacity_margin: int = 64) -> KVCache:
+    """A cache with one committed context row per sample (all blocks clean; empty samples allowed)."""
+    packed = pack([[sample] for sample in samples], model.config)
+    cache = model.language_model.new_cache(
+        batch_size=len(samples), capacity=packed.shape[1] + capacity_margin
+    )
+    if max(packed.valid_lengths) == 0:
+        return cache
+    tokens = timesteps = None
+    if packed.vae_images:
+        tokens = torch.cat(model.encode_latent_tokens(packed.vae_images))
+        timesteps = torch.zeros(tokens.shape[0], device=model.device)
+    model.forward_packed(packed, tokens, timesteps, cache=cache)
+    cache.commit(packed.valid_lengths, packed.rope_advance)
+    return cache
+
+
+def _choose_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Greedy when temperature == 0, else temperature / nucleus sampling through transformers' warpers."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_text(
+    model: Bagel,
+    cache: KVCache,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Decode one answer per cache row: starts the block with `<|im_start|>`, stops each row at `<|im_end|>`.
+
+    Returns the generated ids per row, without the markers. The cache ends up holding the answers.
+    """
+    specials = model.config.special_tokens
+    rows = cache.batch_size
+    tokens = torch.full((rows, 1), specials.im_start, dtype=torch.long, device=model.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=model.device)
+    answers: list[list[int]] = [[] for _ in range(rows)]
+    for _ in range(max_new_tokens):
+        hidden = model.forward_tokens(tokens, cache).hidden[:, -1]
+        chosen = _choose_tokens(model.language_model.lm_head(hidden), temperature, top_p, generator)
+        chosen = torch.where(finished, torch.full_like(chosen, specials.im_end), chosen)
+        for row, token in enumerate(chosen.tolist()):
+            if not finished[row] and token != specials.im_end:
+                answers[row].append(token)
+        finished |= chosen == specials.im_end
+        if bool(finished.all()):
+            break
+        tokens = chosen[:, None]
+    return answers
+
+
+@dataclass
+class ImageContexts:
+    """The stacked CFG contexts of B prompts and the noisy-block packs that query them."""
+
+    model: Bagel
+    cache: KVCache
+    batch_size: int
+    grid: tuple[int, int]
+    has_text_uncond: bool
+    has_img_uncond: bool
+
+    def __post_init__(self) -> None:
+        h, w = self.grid
+        patch = self.model.config.latent_patch_size
+        placeholder = VaeImage(latents=torch.zeros(1, h * patch, w * patch), noisy=True)
+        self._packs = {
+            rows: pack([[[placeholder]]] * rows, self.model.config, rope_start=self.cache.rope_cursor[:rows])
+            for rows in {self.batch_size, self.cache.batch_size}
+        }
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def raw_velocity(self, x: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """Unguided velocity [rows, N, D] of tokens x [rows, N, D] at time t against the first `rows` rows."""
+        cache = self.cache if rows == self.cache.batch_size else self.cache.narrow(0, rows)
+        packed = self._packs[rows]
+        timesteps = t.to(self.model.device, torch.float32).expand(rows * self.num_tokens)
+        output = self.model.forward_packed(
+            packed, x.reshape(rows * self.num_tokens, -1), timesteps, cache=cache
+        )
+        return self.model.velocity(output, packed).reshape(rows, self.num_tokens, -1).to(x.dtype)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cfg: CFGConfig) -> torch.Tensor:
+        """BAGEL's guided velocity for x [B, N, D]; one batched forward over the contexts CFG needs at t."""
+        use_text = self.has_text_uncond and cfg.needs_text_uncond(t)
+        if not use_text:
+            return self.raw_velocity(x, t, self.batch_size)
+        use_img = self.has_img_uncond and cfg.needs_img_uncond(t)
+        copies = 3 if use_img else 2
+        v = self.raw_velocity(x.repeat(copies, 1, 1), t, copies * self.batch_size).chunk(copies)
+        return cfg_combine(v[0], v[1], v[2] if use_img else None, cfg, t)
+
+
+def build_image_contexts(
+    model: Bagel,
+    conditional: Sequence[Sample],
+    no_text: Sequence[Sample] | None,
+    no_image: Sequence[Sample] | None,
+    grid: tuple[int, int],
+) -> ImageContexts:
+    """Prefill [conditional | no_text | no_image] contexts (the unconditional ones only when given)."""
+    rows = list(conditional) + list(no_text or []) + list(no_image or [])
+    return ImageContexts(
+        model=model,
+        cache=prefill(model, rows, capacity_margin=grid[0] * grid[1] + 2),
+        batch_size=len(conditional),
+        grid=grid,
+        has_text_uncond=no_text is not None,
+        has_img_uncond=no_image is not None,
+    )
+
+
+def initial_noise(
+    model: Bagel, batch: int, grid: tuple[int, int], seed: int | Sequence[int] | None = None
+) -> torch.Tensor:
+    """Gaussian latent tokens [B, N, D]; drawn in latent space on the CPU from per-sample seeds
+    (`seed + i`), so a sample's noise does not depend on the device or on the other prompts."""
+    patch, channels = model.config.latent_patch_size, model.config.latent_channels
+    seeds = (
+        list(seed)
+        if isinstance(seed, Sequence)
+        else [None if seed is None else seed + i for i in range(batch)]
+    )
+    noise = []
+    for s in seeds:
+        generator = torch.Generator().manual_seed(s) if s is not None else None
+        noise.append(torch.randn(1, channels, grid[0] * patch, grid[1] * patch, generator=generator))
+    return patchify_latents(torch.cat(noise), patch).to(model.device, model.dtype)
+
+
+@torch.no_grad()
+def sample_latent_tokens(
+    contexts: ImageContexts,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    cfg: CFGConfig,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Euler-integrate from `noise` [B, N, D] along `timesteps` (1 -> 0) with guidance; returns x0 tokens."""
+    return euler_sample(lambda x, t, i: contexts.velocity(x, t, cfg), noise, timesteps, callback)
+
+
+def default_t2i_cfg() -> CFGConfig:
+    """BAGEL's text-to-image defaults: text scale 4, interval (0.4, 1], global renorm."""
+    return CFGConfig(text_scale=4.0, img_scale=1.0, interval=(0.4, 1.0), renorm_type="global")
+
+
+def default_edit_cfg() -> CFGConfig:
+    """BAGEL's editing defaults: text scale 4, image scale 2, interval (0, 1], text-channel renorm."""
+    return CFGConfig(text_scale=4.0, img_scale=2.0, interval=(0.0, 1.0), renorm_type="text_channel")
+
+
+class BagelInferencer:
+    """Batched chat, text-to-image and editing over a `Bagel` and its tokenizer (PIL in, PIL / str out)."""
+
+    def __init__(self, model: Bagel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self):  # noqa: ANN201 - BagelConfig, kept short
+        return self.model.config
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(
+        self,
+        prompts: str | Sequence[str],
+        images: Sequence[Image.Image | Sequence[Image.Image]] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Answer each prompt about its image(s) (ViT blocks before the question, as BAGEL does)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = images if images is not None else [[] for _ in prompts]
+        samples = []
+        for prompt, pictures in zip(prompts, images, strict=True):
+            pictures = [pictures] if isinstance(pictures, Image.Image) else list(pictures)
+            blocks = [VitImage(vit_input(p, self.config)) for p in pictures]
+            samples.append([*blocks, TextBlock(self.encode(prompt))])
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = prefill(self.model, samples, capacity_margin=max_new_tokens + 2)
+        answers = generate_text(self.model, cache, max_new_tokens, temperature, top_p, generator)
+        return [self.tokenizer.decode(ids) for ids in answers]
+
+    def text_to_image(
+        self,
+        prompts: str | Sequence[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        cfg: CFGConfig | None = None,
+        seed: int | Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
+        """Generate one image per prompt; `num_timesteps` grid points give num_timesteps - 1 steps (BAGEL)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cfg = cfg or default_t2i_cfg()
+        if cfg.img_scale > 1.0:
+            raise ValueError(
+                f"text-to-image has no input image to guide by: img_scale must be 1, got {cfg.img_scale}"
+            )
+        grid = self._grid(height or self.config.vae_max_image_size, width or self.config.vae_max_image_size)
+        conditional = [[TextBlock(self.encode(p))] for p in prompts]
+        no_text = [[] for _ in prompts] if cfg.text_scale > 1.0 else None
+        contexts = build_image_contexts(self.model, conditional, no_text, None, grid)
+        return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
+
+    def edit(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        instructions: str | Sequence[str],
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        cfg: CFGConfig | None = None,
+        seed: int | Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
+        """Edit each image by its instruction; the output has the (stride-rounded) input size."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        instructions = [instructions] if isinstance(instructions, str) else list(instructions)
+        if len(images) != len(instructions):
+            raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
+        cfg = cfg or default_edit_cfg()
+        sources = [vae_input(image, self.config) for image in images]
+        if len({tuple(s.shape) for s in sources}) != 1:
+            raise ValueError("images of one edit batch must share a size after resizing; batch them by size")
+        grid = self._grid(*sources[0].shape[-2:])
+        image_blocks = [
+            [VaeImage(pixels=s), VitImage(vit_input(im, self.config))] for s, im in zip(sources, images)
+        ]
+        texts = [TextBlock(self.encode(instruction)) for instruction in instructions]
+        conditional = [[*blocks, text] for blocks, text in zip(image_blocks, texts)]
+        no_text = image_blocks if cfg.text_scale > 1.0 else None
+        no_image = [[text] for text in texts] if cfg.text_scale > 1.0 and cfg.img_scale > 1.0 else None
+        contexts = build_image_contexts(self.model, conditional, no_text, no_image, grid)
+        return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        stride = self.config.image_stride
+        if height % stride or width % stride:
+            raise ValueError(f"image size {height}x{width} must be a multiple of the image stride {stride}")
+        return height // stride, width // stride
+
+    def _sample(
+        self,
+        contexts: ImageContexts,
+        num_timesteps: int,
+        timestep_shift: float,
+        cfg: CFGConfig,
+        seed: int | Sequence[int] | None,
+        noise: torch.Tensor | None,
+    ) -> list[Image.Image]:
+        if noise is None:
+            noise = initial_noise(self.model, contexts.batch_size, contexts.grid, seed)
+        elif noise.ndim == 4:  # latent-space noise [B, C, h, w]
+            noise = patchify_latents(noise, self.config.latent_patch_size).to(
+                self.model.device, self.model.dtype
+            )
+        timesteps = sampling_schedule(num_timesteps, timestep_shift, device=self.model.device)
+        tokens = sample_latent_tokens(contexts, noise, timesteps, cfg)
+        return tensor_to_pil(self.model.decode_tokens(tokens, contexts.grid))

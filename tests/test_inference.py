@@ -1,0 +1,132 @@
+"""Inference primitives: cached contexts, batched text generation and CFG image sampling."""
+
+import pytest
+import torch
+from PIL import Image
+
+from hyperbagel.backbone.flow import CFGConfig, cfg_combine, count_nfe, sampling_schedule
+from hyperbagel.backbone.image_transforms import vae_input, vit_input
+from hyperbagel.backbone.inference import (
+    BagelInferencer,
+    build_image_contexts,
+    generate_text,
+    initial_noise,
+    prefill,
+)
+from hyperbagel.backbone.packing import TextBlock, VaeImage, VitImage, pack
+
+
+def _picture(color: str, size: tuple[int, int] = (16, 16)) -> Image.Image:
+    image = Image.new("RGB", size, color)
+    image.paste("white", (4, 4, 10, 12))
+    return image
+
+
+def test_cached_context_and_decoding_equal_one_full_forward(tiny_bagel) -> None:
+    """Prefill (VAE + ViT + text blocks) then token-by-token decoding reproduces the packed forward."""
+    cfg = tiny_bagel.config
+    context = [
+        VaeImage(pixels=vae_input(_picture("red"), cfg)),
+        VitImage(vit_input(_picture("red"), cfg)),
+        TextBlock([10, 11, 12]),
+    ]
+    answer = [cfg.special_tokens.im_start, 20, 21, 22]
+    full = pack([[context + [TextBlock(answer[1:])]]], cfg)
+    with torch.no_grad():
+        tokens = torch.cat(tiny_bagel.encode_latent_tokens(full.vae_images))
+        reference = tiny_bagel.forward_packed(full, tokens, torch.zeros(len(tokens))).hidden[0]
+        cache = prefill(tiny_bagel, [context])
+        steps = [tiny_bagel.forward_tokens(torch.tensor([[token]]), cache).hidden[0, 0] for token in answer]
+    start = cache.lengths[0] - len(answer)
+    torch.testing.assert_close(
+        torch.stack(steps), reference[start : start + len(answer)], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_batched_chat_equals_one_prompt_at_a_time(tiny_bagel, shapes_tokenizer) -> None:
+    inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer)
+    prompts = ["what color is the circle ?", "how many shapes are there ?"]
+    images = [[_picture("red")], [_picture("blue", (24, 16)), _picture("green")]]
+    batched = inferencer.chat(prompts, images, max_new_tokens=6)
+    single = [inferencer.chat([p], [i], max_new_tokens=6)[0] for p, i in zip(prompts, images)]
+    assert batched == single and all(batched)
+
+
+def test_generation_stops_at_im_end(tiny_bagel) -> None:
+    im_end = tiny_bagel.config.special_tokens.im_end
+    with torch.no_grad():
+        tiny_bagel.language_model.lm_head.bias = None
+        tiny_bagel.language_model.lm_head.weight.zero_()
+        tiny_bagel.language_model.lm_head.weight[im_end] = 1.0  # im_end always wins under greedy decoding
+    cache = prefill(tiny_bagel, [[TextBlock([9, 10])]])
+    assert generate_text(tiny_bagel, cache, max_new_tokens=5) == [[]]
+    assert cache.lengths == [4 + 1]  # the context plus the <|im_start|> that opened the answer
+
+
+def _separate_velocity(model, contexts, grid, x, t):
+    """Velocity of each context prefilled on its own (no stacking), for comparison."""
+    out = []
+    for sample in contexts:
+        ctx = build_image_contexts(model, [sample], None, None, grid)
+        out.append(ctx.raw_velocity(x, t, 1))
+    return out
+
+
+def test_stacked_cfg_contexts_match_separate_passes(tiny_bagel) -> None:
+    cfg_model = tiny_bagel.config
+    source = _picture("red")
+    image_blocks = [VaeImage(pixels=vae_input(source, cfg_model)), VitImage(vit_input(source, cfg_model))]
+    text = TextBlock([30, 31, 32, 33])
+    grid = (4, 4)
+    x = initial_noise(tiny_bagel, 1, grid, seed=3)
+    t = torch.tensor(0.8)
+    guidance = CFGConfig(text_scale=4.0, img_scale=2.0, interval=(0.4, 1.0), renorm_type="text_channel")
+    with torch.no_grad():
+        contexts = build_image_contexts(tiny_bagel, [image_blocks + [text]], [image_blocks], [[text]], grid)
+        committed = list(contexts.cache.lengths)
+        guided = contexts.velocity(x, t, guidance)
+        v_cond, v_no_text, v_no_img = _separate_velocity(
+            tiny_bagel, [image_blocks + [text], image_blocks, [text]], grid, x, t
+        )
+        outside = contexts.velocity(x, torch.tensor(0.2), guidance)
+        v_cond_outside = _separate_velocity(tiny_bagel, [image_blocks + [text]], grid, x, torch.tensor(0.2))[
+            0
+        ]
+    torch.testing.assert_close(
+        guided, cfg_combine(v_cond, v_no_text, v_no_img, guidance, t), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(outside, v_cond_outside, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(v_cond, v_no_img, atol=1e-4)  # the image context really matters
+    assert contexts.cache.lengths == committed  # queries never commit the noisy block
+    assert contexts.cache.lengths[0] == pack([[image_blocks + [text]]], cfg_model).valid_lengths[0]
+
+
+def test_text_to_image_batch_seed_and_explicit_noise(tiny_bagel, shapes_tokenizer) -> None:
+    inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer)
+    prompts = ["a red circle", "two blue squares in a row"]
+    batch = inferencer.text_to_image(prompts, height=16, width=24, num_timesteps=4, seed=5)
+    assert [image.size for image in batch] == [(24, 16), (24, 16)]
+    second = inferencer.text_to_image(prompts[1], height=16, width=24, num_timesteps=4, seed=[6])[0]
+    assert list(second.getdata()) == list(batch[1].getdata())
+    noise = torch.randn(
+        1, tiny_bagel.config.latent_channels, 8, 12, generator=torch.Generator().manual_seed(0)
+    )
+    first = inferencer.text_to_image(prompts[0], height=16, width=24, num_timesteps=4, noise=noise)[0]
+    again = inferencer.text_to_image(prompts[0], height=16, width=24, num_timesteps=4, noise=noise)[0]
+    assert list(first.getdata()) == list(again.getdata())
+    with pytest.raises(ValueError, match="multiple of the image stride"):
+        inferencer.text_to_image(prompts[0], height=18, width=16)
+
+
+def test_model_evaluations_match_the_nfe_count(tiny_bagel, shapes_tokenizer) -> None:
+    """Forwards per sampling step follow BAGEL's pass rule (counted as rows of the noisy-block queries)."""
+    inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer)
+    calls = []
+    handle = tiny_bagel.llm2vae.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] // 16))
+    guidance = CFGConfig(text_scale=4.0, img_scale=2.0, interval=(0.4, 1.0), renorm_type="text_channel")
+    inferencer.edit(
+        _picture("red"), "make the square blue", num_timesteps=8, timestep_shift=3.0, cfg=guidance
+    )
+    handle.remove()
+    assert sum(calls) == count_nfe(sampling_schedule(8, 3.0), guidance)
+    assert set(calls) == {1, 3}
