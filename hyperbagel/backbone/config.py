@@ -97,6 +97,10 @@ def adjust_loaded_configs(llm: Qwen2Config, vit: SiglipVisionConfig, drop_vit_la
     vit._attn_implementation = "sdpa"
 
 
+# The ids of BAGEL's markers in the built-in shapes-world tokenizer, used by the tiny and shapes presets.
+SHAPES_SPECIAL_TOKENS = SpecialTokenIds(im_start=2, im_end=3, vision_start=4, vision_end=5)
+
+
 def _qwen2(**kwargs: Any) -> Qwen2Config:
     cfg = Qwen2Config(**kwargs)
     cfg.qk_norm = True
@@ -113,7 +117,7 @@ def _siglip(**kwargs: Any) -> SiglipVisionConfig:
     return cfg
 
 
-def tiny_config(vocab_size: int = 64, special_tokens: SpecialTokenIds | None = None) -> BagelConfig:
+def tiny_config(vocab_size: int = 72, special_tokens: SpecialTokenIds | None = None) -> BagelConfig:
     """A ~0.1M-parameter model with every BAGEL component, for unit tests (16 px images -> 4x4 tokens)."""
     llm = _qwen2(
         vocab_size=vocab_size,
@@ -138,9 +142,7 @@ def tiny_config(vocab_size: int = 64, special_tokens: SpecialTokenIds | None = N
         layer_norm_eps=1e-6,
     )
     vae = AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_num_groups=4)
-    specials = special_tokens or SpecialTokenIds(
-        im_start=vocab_size - 4, im_end=vocab_size - 3, vision_start=vocab_size - 2, vision_end=vocab_size - 1
-    )
+    specials = special_tokens or SHAPES_SPECIAL_TOKENS
     return BagelConfig(
         llm=llm,
         vit=vit,
@@ -190,7 +192,51 @@ def bagel_7b_mot_config() -> BagelConfig:
     )
 
 
-PRESETS = {"tiny": tiny_config, "bagel-7b-mot": bagel_7b_mot_config}
+def shapes_config() -> BagelConfig:
+    """The CPU demo model on the 64 px shapes world (~13M parameters, both experts counted).
+
+    8 latent tokens per side (autoencoder downsampling 4 x latent patch 2) keep images coarse, which is
+    what trains fast on a CPU; 8 layers of width 256 make the language model deep enough that a one-layer
+    draft head is cheap beside it (speculative decoding). Special ids are the built-in shapes tokenizer's.
+    """
+    llm = _qwen2(
+        vocab_size=72,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+    )
+    vit = _siglip(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=8,
+        image_size=64,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
+    vae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_num_groups=8)
+    return BagelConfig(
+        llm=llm,
+        vit=vit,
+        vae=vae,
+        special_tokens=SHAPES_SPECIAL_TOKENS,
+        max_latent_size=8,
+        vit_max_num_patch_per_side=8,
+        vae_max_image_size=64,
+        vae_min_image_size=16,
+        vit_max_image_size=64,
+        vit_min_image_size=16,
+    )
+
+
+PRESETS = {"tiny": tiny_config, "shapes": shapes_config, "bagel-7b-mot": bagel_7b_mot_config}
 
 
 def preset(name: str, **kwargs: Any) -> BagelConfig:

@@ -55,10 +55,10 @@ class Routing:
         batch, seq = x.shape[:2]
         flat = x.reshape(batch * seq, *x.shape[2:])
         gen_out = gen_fn(flat[self.gen_index])
-        out = flat.new_empty(batch * seq, *gen_out.shape[1:])
+        out = flat.new_empty(batch * seq, *gen_out.shape[1:], dtype=gen_out.dtype)
         out[self.gen_index] = gen_out
         if self.und_index.numel():
-            out[self.und_index] = und_fn(flat[self.und_index])
+            out[self.und_index] = und_fn(flat[self.und_index]).to(out.dtype)
         return out.reshape(batch, seq, *gen_out.shape[1:])
 
 

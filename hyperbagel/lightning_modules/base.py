@@ -1,0 +1,201 @@
+"""Base of every training stage: holds the backbone, chooses what trains, builds optimizers, guards losses.
+
+A stage subclasses `BagelStage` and implements `compute_losses` (a dict of named scalar terms plus the
+total under "loss"); the base does the rest: model construction inside `configure_model` (so FSDP can
+build it sharded), trainable-parameter selection by name patterns, optimizer and scheduler from YAML
+(any `torch.optim` or `bitsandbytes.optim` class), logging every term, and skipping non-finite losses
+(counted and logged) instead of corrupting the weights, up to a limit that stops the run with an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from hyperbagel.backbone.autoencoder import AutoencoderConfig, BagelAutoencoder
+from hyperbagel.backbone.bagel import Bagel
+from hyperbagel.backbone.config import PRESETS, preset
+from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """BAGEL's published AdamW settings (betas 0.9 / 0.95, eps 1e-15)."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+
+
+def load_tokenizer_source(source: str) -> PreTrainedTokenizerBase:
+    """ "shapes" is the built-in shapes-world tokenizer; anything else is a folder with tokenizer files."""
+    if source == "shapes":
+        return build_shapes_tokenizer()
+    from hyperbagel.backbone.checkpoint import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def load_autoencoder(folder: str | Path) -> BagelAutoencoder:
+    """`ae.safetensors` of a folder, with `ae_config.json` when the autoencoder is not FLUX's."""
+    folder = Path(folder)
+    config_path = folder / "ae_config.json"
+    config = None
+    if config_path.is_file():
+        try:
+            config = AutoencoderConfig.from_dict(json.loads(config_path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"malformed autoencoder config {config_path}: {err}") from err
+    return BagelAutoencoder.from_file(folder / "ae.safetensors", config=config)
+
+
+class BagelStage(LightningModule, ABC):
+    """A LightningModule over one shared `Bagel` backbone.
+
+    Args:
+        model: a preset name ("tiny", "shapes", "bagel-7b-mot": random init) or a folder in BAGEL's
+            checkpoint layout.
+        autoencoder: folder holding `ae.safetensors` (and `ae_config.json`), used with a preset.
+        tokenizer: "shapes" or a tokenizer folder; defaults to the checkpoint's own, or "shapes" for presets.
+        trainable: parameter-name patterns (fnmatch) that train; default every parameter that can.
+        frozen: patterns removed from the trainable set (e.g. "vit_model.*").
+        optimizer / lr_scheduler: classes from YAML, called with the trainable parameters / optimizer.
+        gradient_checkpointing: recompute decoder layers in backward to save activation memory.
+        max_nonfinite_losses: consecutive non-finite losses tolerated (skipped) before the run stops.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        autoencoder: str | None = None,
+        tokenizer: str | None = None,
+        trainable: list[str] | None = None,
+        frozen: list[str] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_losses: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model_source = model
+        self.autoencoder_source = autoencoder
+        self.trainable_patterns = trainable or ["*"]
+        self.frozen_patterns = frozen or []
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.gradient_checkpointing = gradient_checkpointing
+        self.max_nonfinite_losses = max_nonfinite_losses
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.model: Bagel | None = None
+        self.tokenizer = load_tokenizer_source(tokenizer or ("shapes" if model in PRESETS else model))
+
+    # --- model construction --------------------------------------------------------------------------
+    def build_model(self) -> Bagel:
+        """The backbone this stage trains; subclasses that need side models extend `configure_model`."""
+        if self.model_source in PRESETS:
+            bagel = Bagel(preset(self.model_source))
+            if self.autoencoder_source is not None:
+                bagel.autoencoder = load_autoencoder(self.autoencoder_source)
+                bagel.config.vae = bagel.autoencoder.config
+            else:
+                bagel.autoencoder = BagelAutoencoder(bagel.config.vae)
+            return bagel
+        from hyperbagel.backbone.checkpoint import from_pretrained
+
+        return from_pretrained(self.model_source)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_model()
+        self.model.language_model.model.gradient_checkpointing = self.gradient_checkpointing
+        self.select_trainable(self.model)
+
+    def select_trainable(self, module: nn.Module) -> None:
+        """requires_grad = matches `trainable` and not `frozen` (frozen-by-design tables stay frozen)."""
+        for name, param in module.named_parameters():
+            if name.endswith("pos_embed.pos_embed"):
+                param.requires_grad_(False)
+                continue
+            wanted = any(fnmatch.fnmatchcase(name, p) for p in self.trainable_patterns)
+            unwanted = any(fnmatch.fnmatchcase(name, p) for p in self.frozen_patterns)
+            param.requires_grad_(wanted and not unwanted)
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"no parameter is trainable with trainable={self.trainable_patterns} "
+                f"frozen={self.frozen_patterns}"
+            )
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything the optimizer updates; EMA and exports follow this list."""
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for _, p in self.trainable_named_parameters()])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- steps ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def compute_losses(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        """Named loss terms with the optimised total under "loss" ("train" or "val" stage)."""
+
+    def batch_size_of(self, batch: Any) -> int:
+        return 1
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        losses = self.compute_losses(batch, "train")
+        if not torch.isfinite(losses["loss"]).item():
+            return self._skip_nonfinite(losses)
+        self.nonfinite_in_a_row = 0
+        self._log_terms(losses, "train", batch)
+        return losses["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            losses = self.compute_losses(batch, "val")
+        self._log_terms(losses, "val", batch)
+
+    def _log_terms(self, losses: dict[str, torch.Tensor], stage: str, batch: Any) -> None:
+        on_step = stage == "train"
+        for name, value in losses.items():
+            self.log(
+                f"{stage}/{name}",
+                value.detach().float() if isinstance(value, torch.Tensor) else float(value),
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name == "loss",
+                batch_size=self.batch_size_of(batch),
+                sync_dist=not on_step,
+            )
+
+    def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Skip this step (no backward, no update); stop once too many come in a row."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_losses", float(self.nonfinite_total), on_step=True)
+        terms = {name: float(value) for name, value in losses.items()}
+        if self.nonfinite_in_a_row > self.max_nonfinite_losses:
+            raise RuntimeError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at global step {self.global_step} "
+                f"(last terms {terms}); lower the learning rate or inspect the data. Checkpoints before this "
+                "step are intact."
+            )
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_losses"] = {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = checkpoint.get("nonfinite_losses", {})
+        self.nonfinite_in_a_row = counts.get("in_a_row", 0)
+        self.nonfinite_total = counts.get("total", 0)
