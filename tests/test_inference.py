@@ -130,3 +130,16 @@ def test_model_evaluations_match_the_nfe_count(tiny_bagel, shapes_tokenizer) -> 
     handle.remove()
     assert sum(calls) == count_nfe(sampling_schedule(8, 3.0), guidance)
     assert set(calls) == {1, 3}
+
+
+def test_bfloat16_model_runs_every_path(tiny_bagel, shapes_tokenizer) -> None:
+    """The GPU dtype: a bf16 model (autoencoder included) generates, edits and answers, tracking float32."""
+    inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer)
+    reference = inferencer.text_to_image("a red circle", height=16, width=16, num_timesteps=3, seed=0)[0]
+    inferencer = BagelInferencer(tiny_bagel.to(torch.bfloat16), shapes_tokenizer)
+    assert tiny_bagel.autoencoder.vae.dtype == torch.bfloat16
+    image = inferencer.text_to_image("a red circle", height=16, width=16, num_timesteps=3, seed=0)[0]
+    difference = (torch.tensor(list(image.getdata())) - torch.tensor(list(reference.getdata()))).abs().float()
+    assert difference.mean() < 8.0  # out of 255: bf16 rounding, not a different image
+    assert inferencer.edit(_picture("red"), "make it blue", num_timesteps=3, seed=0)[0].size == (16, 16)
+    assert isinstance(inferencer.chat("what color is it ?", [_picture("red")], max_new_tokens=3)[0], str)
