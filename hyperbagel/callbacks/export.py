@@ -1,0 +1,108 @@
+"""Write the stage's backbone as a BAGEL checkpoint folder during and after training.
+
+The folder is what BAGEL's tooling, the next distillation stage (`model: <folder>`) and the serving
+exporters load. A new export is written next to the destination and renamed over it only when complete,
+so an interrupted export never leaves a half folder and the previous export survives until then.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from hyperbagel.backbone.checkpoint import save_pretrained
+from hyperbagel.callbacks.ema import chosen_weights, require_ema
+
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def replace_folder(staging: Path, destination: Path) -> None:
+    """Move the complete `staging` folder to `destination`, replacing what is there.
+
+    The old folder is set aside by rename first and deleted only after the new one is in place.
+    """
+    aside = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if destination.exists():
+        os.replace(destination, aside)
+    os.replace(staging, destination)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+class BagelExport(Callback):
+    """Exports `pl_module.model` (and its tokenizer) with `save_pretrained` at fit end and optionally
+    every `every_n_train_steps` optimizer steps and after each validation.
+
+    Args:
+        dirpath: the checkpoint folder to (re)write.
+        use_ema: export the average of the trainer's `EMA` callback instead of the raw weights.
+        dtype: "bfloat16", "float16" or "float32" for `ema.safetensors`; None keeps the training dtype.
+        every_n_train_steps: also export every this many optimizer steps.
+        on_validation: also export after every validation (not the sanity check).
+
+    Rank 0 writes; every rank waits at a barrier until it is done.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        use_ema: bool = False,
+        dtype: str | None = None,
+        every_n_train_steps: int | None = None,
+        on_validation: bool = False,
+    ) -> None:
+        if dtype is not None and dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)} or None, got {dtype!r}")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}")
+        self.dirpath = Path(dirpath)
+        self.use_ema = use_ema
+        self.dtype = EXPORT_DTYPES[dtype] if dtype is not None else None
+        self.every_n_train_steps = every_n_train_steps
+        self.on_validation = on_validation
+        self._last_export_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.use_ema:
+            require_ema(trainer, type(self).__name__)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self.export(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.export(trainer, pl_module)
+
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the folder now (once per global step)."""
+        if trainer.global_step == self._last_export_step:
+            return
+        self._last_export_step = trainer.global_step
+        if trainer.is_global_zero:
+            with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
+                self._write(pl_module)
+        trainer.strategy.barrier("bagel_export")
+
+    def _write(self, pl_module: LightningModule) -> None:
+        parent = self.dirpath.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{self.dirpath.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crashed export
+        staging.mkdir()
+        try:
+            save_pretrained(pl_module.model, staging, tokenizer=pl_module.tokenizer, dtype=self.dtype)
+            replace_folder(staging, self.dirpath)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
