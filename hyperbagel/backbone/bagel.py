@@ -64,8 +64,8 @@ class Bagel(nn.Module):
 
     # --- the autoencoder, kept out of the state dict -------------------------------------------------
     def __setattr__(self, name: str, value: object) -> None:
-        if name == "_autoencoder":  # bypass Module registration: not a submodule, not in state_dict
-            object.__setattr__(self, name, value)
+        if name in ("_autoencoder", "autoencoder"):  # not a submodule, never in state_dict; the
+            object.__setattr__(self, name, value)  # public name goes through the property setter
         else:
             super().__setattr__(name, value)
 

@@ -221,7 +221,9 @@ def shapes_config() -> BagelConfig:
         hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6,
     )
-    vae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_num_groups=8)
+    vae = AutoencoderConfig(
+        resolution=64, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_num_groups=8
+    )
     return BagelConfig(
         llm=llm,
         vit=vit,

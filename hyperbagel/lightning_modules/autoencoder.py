@@ -27,15 +27,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchvision.utils import make_grid
 
 from hyperbagel.backbone.autoencoder import AutoencoderConfig, BagelAutoencoder
+from hyperbagel.backbone.config import preset
 
-SHAPES_AUTOENCODER = {
-    "resolution": 64,
-    "ch": 16,
-    "ch_mult": [1, 2, 2],
-    "num_res_blocks": 1,
-    "z_channels": 4,
-    "norm_num_groups": 8,
-}
+SHAPES_AUTOENCODER = preset("shapes").vae.to_dict()  # one definition: the demo preset's autoencoder
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 
 

@@ -62,7 +62,8 @@ class BagelStage(LightningModule, ABC):
             checkpoint layout.
         autoencoder: folder holding `ae.safetensors` (and `ae_config.json`), used with a preset.
         tokenizer: "shapes" or a tokenizer folder; defaults to the checkpoint's own, or "shapes" for presets.
-        trainable: parameter-name patterns (fnmatch) that train; default every parameter that can.
+        trainable: patterns (fnmatch) over the backbone's parameter names, i.e. BAGEL checkpoint keys such
+            as "language_model.model.layers.*_moe_gen.*", that train; default every parameter that can.
         frozen: patterns removed from the trainable set (e.g. "vit_model.*").
         optimizer / lr_scheduler: classes from YAML, called with the trainable parameters / optimizer.
         gradient_checkpointing: recompute decoder layers in backward to save activation memory.
