@@ -26,6 +26,7 @@ from PIL import Image
 from hyperbagel.backbone.checkpoint import from_pretrained
 from hyperbagel.backbone.flow import RENORM_TYPES, CFGConfig
 from hyperbagel.backbone.inference import BagelInferencer
+from hyperbagel.datamodules.interleaved import load_tokenizer
 from hyperbagel.datamodules.shapes import T2I_CATEGORIES, EditSample, ShapesWorld, T2ISample
 from hyperbagel.evaluation.suite import (
     SamplerSettings,
@@ -36,7 +37,6 @@ from hyperbagel.evaluation.suite import (
     json_ready,
     save_grid,
 )
-from hyperbagel.lightning_modules.base import load_tokenizer_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRID_EDITS = 2  # edit triples shown in the sample grid
@@ -101,7 +101,7 @@ def samplers(args: argparse.Namespace) -> tuple[SamplerSettings, SamplerSettings
 
 def load_inferencer(args: argparse.Namespace) -> BagelInferencer:
     model = from_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
-    return BagelInferencer(model, load_tokenizer_source(args.tokenizer or args.model))
+    return BagelInferencer(model, load_tokenizer(args.tokenizer or args.model))
 
 
 def grid_rows(

@@ -203,6 +203,24 @@ def _special_tokens(folder: Path, stored: Any) -> SpecialTokenIds:
     return SpecialTokenIds.from_tokenizer(load_tokenizer(folder))
 
 
+def autoencoder_config(folder: str | Path) -> AutoencoderConfig:
+    """The folder's `ae_config.json`, or FLUX's autoencoder when there is none (BAGEL's own layout)."""
+    ae_path = Path(folder) / AE_CONFIG_FILE
+    if not ae_path.is_file():
+        return AutoencoderConfig.flux()
+    try:
+        return AutoencoderConfig.from_dict(_read_json(ae_path))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid autoencoder config in {ae_path}: {err}") from err
+
+
+def load_autoencoder(folder: str | Path) -> BagelAutoencoder:
+    """The frozen autoencoder of a folder (`ae.safetensors` + optional `ae_config.json`)."""
+    folder = Path(folder)
+    autoencoder = BagelAutoencoder.from_file(_require(folder / AE_FILE), autoencoder_config(folder))
+    return autoencoder.requires_grad_(False).eval()
+
+
 def load_config(folder: str | Path) -> BagelConfig:
     """The `BagelConfig` of a checkpoint folder, with BAGEL's loader adjustments applied.
 
@@ -226,14 +244,7 @@ def load_config(folder: str | Path) -> BagelConfig:
     if unknown:
         raise ValueError(f"unknown fields {unknown} in {glue_path}; known fields are {sorted(GLUE_FIELDS)}")
     special_tokens = _special_tokens(folder, glue.pop("special_tokens", None))
-    ae_path = folder / AE_CONFIG_FILE
-    vae = AutoencoderConfig.flux()
-    if ae_path.is_file():
-        data = _read_json(ae_path)
-        try:
-            vae = AutoencoderConfig.from_dict(data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"invalid autoencoder config in {ae_path}: {err}") from err
+    vae = autoencoder_config(folder)
     too_big = {k: v for k, v in special_tokens.to_dict().items() if not 0 <= v < llm.vocab_size}
     if too_big:
         raise ValueError(
@@ -266,7 +277,8 @@ def _check_keys(
         problems += [_listing("unexpected keys", unexpected)] if unexpected else []
     if problems:
         raise ValueError(
-            f"{path} does not match the model its folder's configs describe:\n  " + "\n  ".join(problems)
+            f"{path} does not match the model its folder's configs describe:\n  "
+            + "\n  ".join(problems)
             + "\n(strict=False tolerates missing and unexpected keys, never shape mismatches)"
         )
     if unexpected:
@@ -410,7 +422,7 @@ def from_pretrained(
     left_on_meta = _meta_tensors(model)
     if left_on_meta:
         raise RuntimeError(f"tensors not materialised after loading {ema_path}: {left_on_meta}")
-    # Frozen and attached directly: `model.autoencoder = ...` would register it as a submodule (nn.Module's
+    # Frozen and attached directly (not through the property), so it never becomes a submodule (nn.Module's
     # __setattr__ takes Module values before the property setter runs).
     model._autoencoder = autoencoder.requires_grad_(False) if autoencoder is not None else None
     return model.eval()

@@ -17,8 +17,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from hyperbagel.backbone.checkpoint import load_config
+from hyperbagel.backbone.checkpoint import load_tokenizer as load_folder_tokenizer
 from hyperbagel.backbone.config import BagelConfig, SpecialTokenIds, preset
 from hyperbagel.datamodules.cfg_dropout import CfgDropout
 from hyperbagel.datamodules.packed_dataset import (
@@ -39,9 +41,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """ "shapes" for the shapes world's word tokenizer, else a local folder with tokenizer files."""
     if name == "shapes":
         return build_shapes_tokenizer()
-    if not Path(name).is_dir():
-        raise FileNotFoundError(f"tokenizer {name!r} is neither 'shapes' nor a folder with tokenizer files")
-    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    return load_folder_tokenizer(name)
 
 
 def load_model_config(name: str, tokenizer: PreTrainedTokenizerBase) -> BagelConfig:
@@ -52,8 +52,6 @@ def load_model_config(name: str, tokenizer: PreTrainedTokenizerBase) -> BagelCon
     """
     specials = SpecialTokenIds.from_tokenizer(tokenizer)
     if Path(name).is_dir():
-        from hyperbagel.backbone.checkpoint import load_config
-
         config = load_config(name)
         if config.special_tokens != specials:
             raise ValueError(

@@ -10,48 +10,24 @@ build it sharded), trainable-parameter selection by name patterns, optimizer and
 from __future__ import annotations
 
 import fnmatch
-import json
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from hyperbagel.backbone.autoencoder import AutoencoderConfig, BagelAutoencoder
+from hyperbagel.backbone.autoencoder import BagelAutoencoder
 from hyperbagel.backbone.bagel import Bagel
-from hyperbagel.backbone.config import PRESETS, preset
-from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
+from hyperbagel.backbone.checkpoint import from_pretrained, load_autoencoder
+from hyperbagel.backbone.config import PRESETS
+from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """BAGEL's published AdamW settings (betas 0.9 / 0.95, eps 1e-15)."""
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
-
-
-def load_tokenizer_source(source: str) -> PreTrainedTokenizerBase:
-    """ "shapes" is the built-in shapes-world tokenizer; anything else is a folder with tokenizer files."""
-    if source == "shapes":
-        return build_shapes_tokenizer()
-    from hyperbagel.backbone.checkpoint import load_tokenizer
-
-    return load_tokenizer(source)
-
-
-def load_autoencoder(folder: str | Path) -> BagelAutoencoder:
-    """`ae.safetensors` of a folder, with `ae_config.json` when the autoencoder is not FLUX's."""
-    folder = Path(folder)
-    config_path = folder / "ae_config.json"
-    config = None
-    if config_path.is_file():
-        try:
-            config = AutoencoderConfig.from_dict(json.loads(config_path.read_text()))
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"malformed autoencoder config {config_path}: {err}") from err
-    return BagelAutoencoder.from_file(folder / "ae.safetensors", config=config)
 
 
 class BagelStage(LightningModule, ABC):
@@ -95,22 +71,19 @@ class BagelStage(LightningModule, ABC):
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.model: Bagel | None = None
-        self.tokenizer = load_tokenizer_source(tokenizer or ("shapes" if model in PRESETS else model))
+        self.tokenizer = load_tokenizer(tokenizer or ("shapes" if model in PRESETS else model))
 
     # --- model construction --------------------------------------------------------------------------
     def build_model(self) -> Bagel:
         """The backbone this stage trains; subclasses that need side models extend `configure_model`."""
-        if self.model_source in PRESETS:
-            bagel = Bagel(preset(self.model_source))
-            if self.autoencoder_source is not None:
-                bagel.autoencoder = load_autoencoder(self.autoencoder_source)
-                bagel.config.vae = bagel.autoencoder.config
-            else:
-                bagel.autoencoder = BagelAutoencoder(bagel.config.vae)
-            return bagel
-        from hyperbagel.backbone.checkpoint import from_pretrained
-
-        return from_pretrained(self.model_source)
+        if self.model_source not in PRESETS:
+            return from_pretrained(self.model_source)
+        config = load_model_config(self.model_source, self.tokenizer)
+        if self.autoencoder_source is None:
+            return Bagel(config, BagelAutoencoder(config.vae))
+        autoencoder = load_autoencoder(self.autoencoder_source)
+        config.vae = autoencoder.config
+        return Bagel(config, autoencoder)
 
     def configure_model(self) -> None:
         if self.model is not None:
