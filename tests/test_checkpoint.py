@@ -58,10 +58,10 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     tokenizer = build_shapes_tokenizer()
     model = _model(tiny_config(vocab_size=len(tokenizer)))
     folder = tmp_path / "ckpt"
-    save_pretrained(model, folder, tokenizer=tokenizer)
+    model.save_pretrained(folder, tokenizer=tokenizer)  # the method form of save_pretrained(model, ...)
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
-    loaded = from_pretrained(folder)
+    loaded = Bagel.from_pretrained(folder)
     expected, state = model.state_dict(), loaded.state_dict()
     assert list(state) == list(expected)  # the autoencoder stays outside the state dict
     for key, tensor in expected.items():

@@ -10,6 +10,8 @@ the noisy-latent queries of image generation are all packed sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,23 @@ class Bagel(nn.Module):
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
         self._autoencoder = autoencoder
+
+    # --- BAGEL's checkpoint folder -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> Bagel:
+        """Load a folder in BAGEL's layout; see `hyperbagel.backbone.checkpoint.from_pretrained` for options
+        (dtype, device, quantize="8bit"/"4bit", strict, load_autoencoder)."""
+        from hyperbagel.backbone.checkpoint import from_pretrained  # checkpoint imports this module
+
+        return from_pretrained(folder, **kwargs)
+
+    def save_pretrained(
+        self, folder: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Write BAGEL's folder layout (ema/ae safetensors, configs, tokenizer files)."""
+        from hyperbagel.backbone.checkpoint import save_pretrained
+
+        save_pretrained(self, folder, tokenizer=tokenizer, dtype=dtype)
 
     # --- the autoencoder, kept out of the state dict -------------------------------------------------
     def __setattr__(self, name: str, value: object) -> None:
