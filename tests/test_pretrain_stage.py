@@ -1,0 +1,151 @@
+"""Stage 0 and the base stage: BAGEL's objective trains, selection of trainable parts, loss guard."""
+
+import math
+
+import bitsandbytes as bnb
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hyperbagel.backbone.packing import PackedSequence, TextBlock, VaeImage, VitImage, pack
+from hyperbagel.lightning_modules.pretrain import PretrainStage
+from hyperbagel.lightning_modules.schedules import WarmupCosineLR
+
+
+class FixedPacks(Dataset):
+    """The same few packs over and over: enough to see a real objective fall."""
+
+    def __init__(self, config, length: int = 64) -> None:
+        generator = torch.Generator().manual_seed(0)
+        image = lambda side: torch.rand(3, side, side, generator=generator) * 2 - 1  # noqa: E731
+        samples = [
+            [TextBlock([10, 11, 12]), VaeImage(pixels=image(16), noisy=True)],
+            [VitImage(image(8)), TextBlock([13, 14]), TextBlock([20, 21, 22], loss=True)],
+            [
+                VaeImage(pixels=image(16)),
+                VitImage(image(8)),
+                TextBlock([15]),
+                VaeImage(pixels=image(16), noisy=True),
+            ],
+        ]
+        self.packed = pack([samples], config)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> PackedSequence:
+        return self.packed
+
+
+def _fit(stage: PretrainStage, steps: int, tmp_path) -> L.Trainer:
+    stage.configure_model()
+    loader = DataLoader(FixedPacks(stage.model.config), batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(stage, loader)
+    return trainer
+
+
+def test_objective_falls_and_frozen_parts_stay(tmp_path) -> None:
+    torch.manual_seed(0)
+    stage = PretrainStage(
+        model="tiny",
+        frozen=["vit_model.*"],
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        ce_weight=1.0,
+    )
+    stage.configure_model()
+    vit_before = {k: v.clone() for k, v in stage.model.vit_model.state_dict().items()}
+    first = stage.compute_losses(FixedPacks(stage.model.config).packed, "val")
+    _fit(stage, 40, tmp_path)
+    last = stage.compute_losses(FixedPacks(stage.model.config).packed, "val")
+    assert last["ce"] < 0.5 * first["ce"] and last["mse"] < first["mse"]
+    assert all(torch.equal(v, stage.model.vit_model.state_dict()[k]) for k, v in vit_before.items())
+    names = {name for name, _ in stage.trainable_named_parameters()}
+    assert names and not any(n.startswith("model.vit_model.") or n.endswith("pos_embed") for n in names)
+    assert "model.llm2vae.weight" in names
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path) -> None:
+    stage = PretrainStage(model="tiny", max_nonfinite_losses=3)
+    stage.compute_losses = lambda batch, stage_name: {"loss": torch.tensor(math.nan, requires_grad=True)}
+    stage.configure_model()
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="4 non-finite losses in a row"):
+        _fit(stage, 10, tmp_path)
+    assert stage.nonfinite_total == 4
+    assert all(torch.equal(v, stage.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bitsandbytes_8bit_optimizer_and_schedule_from_callables(tmp_path) -> None:
+    stage = PretrainStage(
+        model="tiny",
+        optimizer=lambda params: bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=256),
+        lr_scheduler=lambda optimizer: WarmupCosineLR(optimizer, warmup_steps=2, total_steps=6),
+    )
+    trainer = _fit(stage, 4, tmp_path)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-3 * WarmupCosineLR.factor(trainer.lr_scheduler_configs[0].scheduler, 4)
+    )
+
+
+def test_nothing_trainable_is_refused() -> None:
+    stage = PretrainStage(model="tiny", trainable=["model.nothing.*"])
+    with pytest.raises(ValueError, match="no parameter is trainable"):
+        stage.configure_model()
+
+
+def test_stage0_fits_through_the_cli_with_tensorboard(tmp_path) -> None:
+    """`hyperbagel fit` on a tiny model and a tiny exported shapes world writes TensorBoard scalars."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tmp_path / "stage0.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+model:
+  class_path: hyperbagel.lightning_modules.pretrain.PretrainStage
+  init_args: {{model: tiny, tokenizer: shapes}}
+data:
+  class_path: hyperbagel.datamodules.shapes_datamodule.ShapesDataModule
+  init_args:
+    {{model_config: tiny, data_root: {tmp_path / "data"}, n_train: 8, n_val: 4, canvas_size: 24,
+      expected_tokens: 200, max_tokens: 300, max_tokens_per_sample: 200}}
+trainer:
+  accelerator: cpu
+  max_steps: 3
+  val_check_interval: 3
+  check_val_every_n_epoch: null
+  limit_val_batches: 1
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {tmp_path / "logs"}, name: stage0}}
+"""
+    )
+    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
+    result = subprocess.run(
+        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = next((tmp_path / "logs" / "stage0").rglob("events.out.tfevents.*"))
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/ce", "train/mse", "val/loss"} <= set(scalars)
