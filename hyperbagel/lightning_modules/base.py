@@ -157,7 +157,7 @@ class BagelStage(LightningModule, ABC):
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         self.log("train/nonfinite_losses", float(self.nonfinite_total), on_step=True)
-        terms = {name: float(value) for name, value in losses.items()}
+        terms = {name: float(value.detach()) for name, value in losses.items()}
         if self.nonfinite_in_a_row > self.max_nonfinite_losses:
             raise RuntimeError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row at global step {self.global_step} "
