@@ -62,7 +62,8 @@ class Bagel(nn.Module):
         self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
-        self._autoencoder = autoencoder
+        self._autoencoder = None
+        self.autoencoder = autoencoder  # frozen, eval mode, outside the state dict
 
     # --- BAGEL's checkpoint folder -------------------------------------------------------------------
     @classmethod
