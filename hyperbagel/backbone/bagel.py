@@ -9,6 +9,7 @@ the noisy-latent queries of image generation are all packed sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ class Bagel(nn.Module):
             value.requires_grad_(False).eval()
         self._autoencoder = value
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's private signature
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Bagel:
+        """Move / cast the unregistered autoencoder along with the model (`.to()`, `.half()`, ...)."""
         super()._apply(fn, recurse)
         if self._autoencoder is not None:
             self._autoencoder._apply(fn, recurse)

@@ -20,6 +20,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from hyperbagel.backbone.autoencoder import patchify_latents, tensor_to_pil
 from hyperbagel.backbone.bagel import Bagel
+from hyperbagel.backbone.config import BagelConfig
 from hyperbagel.backbone.flow import CFGConfig, StepCallback, cfg_combine, euler_sample, sampling_schedule
 from hyperbagel.backbone.image_transforms import vae_input, vit_input
 from hyperbagel.backbone.kv_cache import KVCache
@@ -201,7 +202,7 @@ class BagelInferencer:
         self.tokenizer = tokenizer
 
     @property
-    def config(self):  # noqa: ANN201 - BagelConfig, kept short
+    def config(self) -> BagelConfig:
         return self.model.config
 
     def encode(self, text: str) -> list[int]:
