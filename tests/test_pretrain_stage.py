@@ -149,3 +149,16 @@ trainer:
     events = next((tmp_path / "logs" / "stage0").rglob("events.out.tfevents.*"))
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/ce", "train/mse", "val/loss"} <= set(scalars)
+
+
+def test_warmup_cosine_schedule_values() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = WarmupCosineLR(optimizer, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
+    seen = []
+    for _ in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318, 0.1, 0.1], abs=1e-4)
+    with pytest.raises(ValueError, match="must exceed warmup_steps"):
+        WarmupCosineLR(optimizer, warmup_steps=5, total_steps=5)
