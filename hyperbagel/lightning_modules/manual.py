@@ -1,0 +1,265 @@
+"""Base of stages that train several models in one step (Lightning manual optimization).
+
+Adversarial and distribution-matching stages update a generator and one or more side models (a
+discriminator, a fake-score model) in a fixed order within each batch. Lightning's automatic loop cannot
+do that, and its manual mode leaves accumulation, clipping, scheduling and step counting to the module;
+this base does them once for every such stage:
+
+- a subclass computes losses and calls `update(name, losses)` once per model, in order;
+- gradients accumulate over `accumulate_grad_batches` batches, then each optimizer that received them
+  is clipped (its own norm), stepped once, zeroed, and its scheduler stepped once;
+- `trainer.global_step` advances once per accumulated batch (not once per optimizer, as Lightning's
+  manual mode would count), so `max_steps`, checkpoint intervals, EMA and exports mean the same as in
+  single-optimizer stages;
+- a NaN or inf in any loss term stops the run naming the step, the term and the last checkpoint written
+  (or, with `on_nonfinite="skip"`, drops the whole accumulated step and counts it);
+- the random draws of a batch come from `batch_generator`, seeded by (seed, batch index, rank), so a run
+  resumed from a checkpoint draws exactly what an uninterrupted one draws.
+Optimizers and schedulers are Lightning's, so they are in the checkpoint; callbacks (EMA, discriminator)
+store their own state there.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from hyperbagel.lightning_modules.base import BagelStage
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class OptimizerSpec:
+    """One model the stage updates: its parameters, optimizer / schedule factories and clipping norm."""
+
+    name: str
+    parameters: list[nn.Parameter]
+    optimizer: OptimizerCallable
+    lr_scheduler: LRSchedulerCallable | None = None
+    gradient_clip_val: float | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term was NaN or inf; the message names the step, the term and the last good checkpoint."""
+
+
+def last_checkpoint(trainer: Any) -> str | None:
+    """The most recently written checkpoint file of the trainer's ModelCheckpoint callbacks, if any."""
+    paths: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            candidates = [callback.last_model_path, callback.best_model_path, *callback.best_k_models]
+            paths += [Path(p) for p in candidates if p and Path(p).is_file()]
+    return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else None
+
+
+def _no_closure() -> None:
+    """Backward already ran (accumulated over the step's batches) before the optimizer steps."""
+
+
+class ManualStage(BagelStage):
+    """A `BagelStage` whose training step updates several models through `update`.
+
+    Args:
+        accumulate_grad_batches: batches whose gradients are summed (each loss divided by this) before
+            one optimizer step (Lightning's trainer option does not apply to manual optimization).
+        gradient_clip_val: clip the generator's gradient norm to this (trainer option likewise).
+        on_nonfinite: "stop" raises `NonFiniteLossError`; "skip" drops the accumulated step, counts it
+            (`train/nonfinite_losses`) and stops only after `max_nonfinite_losses` in a row.
+        seed: seeds `batch_generator` together with the batch index and the rank.
+        **kwargs: everything `BagelStage` takes; `optimizer` / `lr_scheduler` build the generator's.
+
+    `trainable_named_parameters` is restricted to the backbone (`model.*`): EMA and exports follow the
+    generator, never side models held by the stage (teacher, fake score).
+    """
+
+    def __init__(
+        self,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        on_nonfinite: str = "stop",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"gradient_clip_val must be positive, got {gradient_clip_val}")
+        self.automatic_optimization = False
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.on_nonfinite = on_nonfinite
+        self.seed = seed
+        self.batch_generator = torch.Generator()
+        self._batch_idx = 0
+        self._step_skipped = False
+        self._used: dict[str, torch.optim.Optimizer] = {}  # optimizers that got gradients this step
+        self._clip_of: dict[int, tuple[str, float | None]] = {}  # id(optimizer) -> (name, max norm)
+        self._grad_norm: torch.Tensor | None = None
+
+    # --- what trains -----------------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and n.startswith("model.")]
+
+    def optimizer_specs(self) -> list[OptimizerSpec]:
+        """The models the stage's own optimizers update; subclasses append side models after "generator"."""
+        parameters = [p for _, p in self.trainable_named_parameters()]
+        clip = self.gradient_clip_val
+        return [OptimizerSpec("generator", parameters, self.optimizer_factory, self.scheduler_factory, clip)]
+
+    def configure_optimizers(self) -> list[dict[str, Any]]:
+        specs = self.optimizer_specs()
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"optimizer names must be unique, got {names}")
+        self._spec_names = names
+        self._spec_clip = {spec.name: spec.gradient_clip_val for spec in specs}
+        configs = []
+        for spec in specs:
+            if not spec.parameters:
+                raise ValueError(f"optimizer {spec.name!r} has no parameters to train")
+            optimizer = spec.optimizer(spec.parameters)
+            config: dict[str, Any] = {"optimizer": optimizer}
+            if spec.lr_scheduler is not None:
+                config["lr_scheduler"] = {"scheduler": spec.lr_scheduler(optimizer), "interval": "step"}
+            configs.append(config)
+        return configs
+
+    def optimizer_named(self, name: str) -> tuple[torch.optim.Optimizer, Any]:
+        """The stage's (optimizer, scheduler or None) registered under `name`."""
+        if name not in self._spec_names:
+            raise KeyError(f"no optimizer named {name!r}; this stage has {self._spec_names}")
+        optimizer = self.trainer.optimizers[self._spec_names.index(name)]
+        scheduler = next(
+            (c.scheduler for c in self.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer),
+            None,
+        )
+        return optimizer, scheduler
+
+    # --- the step --------------------------------------------------------------------------------------
+    @abstractmethod
+    def training_updates(self, batch: Any, batch_idx: int) -> None:
+        """Compute each model's losses and call `update(name, losses)` for it, in update order."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+        self.batch_generator = self._seeded_generator()
+        self.training_updates(batch, batch_idx)
+        if not self.ends_step():
+            return
+        if self._step_skipped:
+            for optimizer in self._used.values():
+                optimizer.zero_grad(set_to_none=True)
+            self._step_skipped = False
+        else:
+            self.nonfinite_in_a_row = 0
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
+        self._used = {}
+
+    def ends_step(self) -> bool:
+        """Whether the current batch closes an accumulated step (or the epoch)."""
+        return (self._batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+
+    def _seeded_generator(self) -> torch.Generator:
+        batch = self.trainer.fit_loop.epoch_loop.total_batch_idx
+        entropy = [self.seed, batch, self.global_rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator().manual_seed(seed)
+
+    def randn(self, shape: tuple[int, ...] | torch.Size, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Normal noise from `batch_generator` (drawn on the CPU, so it is the same on every device)."""
+        noise = torch.randn(tuple(shape), generator=self.batch_generator)
+        return noise if like is None else noise.to(like.device, like.dtype)
+
+    def rand(self, shape: tuple[int, ...] | torch.Size, device: torch.device | None = None) -> torch.Tensor:
+        """Uniform [0, 1) draws from `batch_generator` (float32)."""
+        return torch.rand(tuple(shape), generator=self.batch_generator).to(device or self.device)
+
+    def update(
+        self,
+        name: str,
+        losses: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        gradient_clip_val: float | None = None,
+    ) -> bool:
+        """Back-propagate `losses["loss"]` for model `name`; on the step's last batch clip, step, zero.
+
+        The stage's own models are found by name; a callback passes its own optimizer, scheduler and
+        clipping norm. Every term is logged as `train/<name>/<term>`. Returns False when nothing was
+        back-propagated (the step is being skipped after a non-finite loss).
+        """
+        if optimizer is None:
+            optimizer, scheduler = self.optimizer_named(name)
+            gradient_clip_val = self._spec_clip[name]
+        if self._step_skipped:
+            return False
+        bad = [term for term, value in losses.items() if not bool(torch.isfinite(value.detach()).all())]
+        if bad:
+            self._nonfinite(name, bad, losses)
+            return False
+        for term, value in losses.items():
+            self.log(f"train/{name}/{term}", value.detach().float(), on_step=True, prog_bar=term == "loss")
+        self.manual_backward(losses["loss"] / self.accumulate_grad_batches)
+        self._used[name] = optimizer
+        if self.ends_step():
+            self._clip_of[id(optimizer)] = (name, gradient_clip_val)
+            self.trainer.strategy.optimizer_step(optimizer, closure=_no_closure, model=self)
+            optimizer.zero_grad(set_to_none=True)
+            if self._grad_norm is not None:  # logged here: a log from the hook would reset this step's logs
+                self.log(f"train/{name}/grad_norm", self._grad_norm, on_step=True)
+                self._grad_norm = None
+            if scheduler is not None:
+                scheduler.step()
+        return True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the stepping model's gradients (after unscaling under fp16) and keep their norm."""
+        name, max_norm = self._clip_of.get(id(optimizer), (None, None))
+        if name is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel):
+            # sharded gradients need FSDP's own norm; it covers every gradient the root holds right now
+            norm = root.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        self._grad_norm = norm.detach().float()
+
+    # --- faults ----------------------------------------------------------------------------------------
+    def _nonfinite(self, name: str, bad: list[str], losses: dict[str, torch.Tensor]) -> None:
+        values = {term: float(losses[term].detach().float().mean()) for term in bad}
+        where = (
+            f"non-finite loss {', '.join(f'{name}/{t} = {v}' for t, v in values.items())} at global step "
+            f"{self.global_step} (batch {self._batch_idx})"
+        )
+        checkpoint = last_checkpoint(self.trainer)
+        resume = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint written yet"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(f"{where}; {resume}. Lower the learning rate or inspect the data.")
+        self._step_skipped = True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_losses", float(self.nonfinite_total), on_step=True)
+        if self.nonfinite_in_a_row > self.max_nonfinite_losses:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row, the last {where}; {resume}."
+            )
