@@ -1,0 +1,284 @@
+"""Training-time test: EAGLE-3's mask, loss positions, the loss terms, and the parallel pass against a
+sequential reference that drafts position by position exactly as decoding does."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hyperbagel.backbone.kv_cache import KVCache
+from hyperbagel.backbone.packing import TextBlock, VitImage, pack
+from hyperbagel.speculative.ttt import (
+    DraftVocabulary,
+    TrainingCache,
+    acceptance_length,
+    loss_positions,
+    step_result,
+    target_predictions,
+    ttt_attention_mask,
+    ttt_loss,
+    ttt_steps,
+)
+
+NUM_STEPS = 4
+
+
+class StandInDraft(nn.Module):
+    """A minimal module with DraftHead's API: eagle3-style fuse, fc2, target layers, reduced vocabulary."""
+
+    def __init__(self, target, keep_ids: list[int], num_layers: int = 2) -> None:
+        super().__init__()
+        llm = target.language_model
+        hidden = target.config.hidden_size
+        self.embed_tokens = copy.deepcopy(llm.model.embed_tokens).requires_grad_(False)
+        self.fc = nn.Linear(3 * hidden, hidden)
+        self.fc2 = nn.Linear(2 * hidden, hidden)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in llm.model.layers[-num_layers:])
+        for index, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = index
+        self.norm = copy.deepcopy(llm.model.norm)
+        self.rotary_emb = llm.model.rotary_emb
+        ids = torch.tensor(keep_ids)
+        self.lm_head = nn.Linear(hidden, len(keep_ids), bias=False)
+        self.lm_head.weight.data = llm.lm_head.weight.data[ids].clone()
+        self.register_buffer("d2t", ids - torch.arange(len(keep_ids)))
+        self.kv_heads, self.head_dim = llm.num_kv_heads, llm.head_dim
+
+    def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
+        return KVCache(len(self.layers), batch_size, self.kv_heads, self.head_dim, capacity)
+
+    def fuse(self, target_hidden_states, position_ids, cache=None, attention_mask=None):
+        taps = [target_hidden_states[i] for i in (0, 1, 2)]
+        return self.fc(torch.cat(taps, dim=-1))
+
+    def forward(self, features, input_ids, position_ids, cache=None, attention_mask=None):
+        x = self.fc2(torch.cat([self.embed_tokens(input_ids), features], dim=-1))
+        if isinstance(cache, KVCache):
+            cache.reserve(x.shape[1])
+            if attention_mask is None:
+                attention_mask = cache.attention_mask(x.shape[1])
+        rope = self.rotary_emb(x, position_ids)
+        for layer in self.layers:
+            x = layer(x, rope, attention_mask, None, cache)
+        return self.lm_head(self.norm(x)).float(), x
+
+
+def _pack(tiny_bagel, rows):
+    return pack(rows, tiny_bagel.config)
+
+
+def _samples():
+    image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    a = [VitImage(image), TextBlock([10, 11, 12]), TextBlock([20, 21, 22, 23, 24], loss=True)]
+    b = [TextBlock([13, 14]), TextBlock([25, 26, 27], loss=True)]
+    c = [TextBlock([15, 16, 17, 18]), VitImage(image), TextBlock([28, 29, 30, 31], loss=True)]
+    return a, b, c
+
+
+@pytest.fixture
+def setup(tiny_bagel):
+    torch.manual_seed(0)
+    keep = [i for i in range(tiny_bagel.config.llm.vocab_size) if i % 7 != 5]  # a reduced vocabulary
+    draft = StandInDraft(tiny_bagel, keep).eval()
+    return tiny_bagel, draft
+
+
+def test_mask_matches_a_hand_written_matrix() -> None:
+    block = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)[None]  # 0-1: an image block
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 1, 0, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0, 1, 0],
+            [1, 1, 1, 0, 0, 1, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(ttt_attention_mask(block, 2), expected[None, None])
+    assert torch.equal(ttt_attention_mask(block, 0), block[:, None])
+
+
+def test_loss_positions_are_the_answer_tokens_whose_target_lies_in_the_block(tiny_bagel) -> None:
+    # tokens: <s> 10 11 </s> <s> 20 21 22 </s>   (positions 0-3 question, 4-8 answer)
+    packed = _pack(tiny_bagel, [[[TextBlock([10, 11]), TextBlock([20, 21, 22], loss=True)]]])
+    valid = loss_positions(packed, 4)[:, 0].int()
+    expected = torch.tensor(
+        [
+            [0, 0, 0, 0, 1, 1, 1, 0, 0],  # step 0: i + 2 <= 8
+            [0, 0, 0, 0, 1, 1, 0, 0, 0],  # step 1: i + 3 <= 8
+            [0, 0, 0, 0, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ]
+    )
+    assert torch.equal(valid, expected)
+
+
+def test_acceptance_length_from_step_accuracies() -> None:
+    assert acceptance_length([]) == 1.0
+    assert acceptance_length([1.0, 1.0, 1.0]) == 4.0
+    assert acceptance_length([0.5, 0.5]) == pytest.approx(1.75)
+    assert acceptance_length([0.8, 0.5, 0.0, 1.0]) == pytest.approx(1 + 0.8 + 0.4)
+
+
+def test_step_loss_terms_by_hand() -> None:
+    """KL over the renormalised draft vocabulary, CE on the target argmax; an argmax outside the draft
+    vocabulary leaves the loss but counts as a miss."""
+    vocab = DraftVocabulary.from_d2t(torch.tensor([0, 1, 1]), 5)  # draft ids 0, 1, 2 = target 0, 2, 3
+    assert vocab.target_to_draft.tolist() == [0, -1, 1, 2, -1]
+    target_hidden = torch.zeros(1, 4, 5)
+    target_hidden[0, 1] = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.0])  # argmax 0 (in the draft vocab)
+    target_hidden[0, 2] = torch.tensor([0.0, 0.0, 1.0, 0.5, 3.0])  # argmax 4 (outside)
+    valid = torch.tensor([[[1, 1, 0, 0]]], dtype=torch.bool)  # step 0 at positions 0 and 1
+    target = target_predictions(lambda h: h, target_hidden, valid, vocab)
+    draft = torch.zeros(1, 4, 3)
+    draft[0, 0] = torch.tensor([0.5, 1.0, 0.0])  # argmax draft 1 = target 2: wrong
+    draft[0, 1] = torch.tensor([0.0, 0.0, 2.0])  # argmax target 3, target says 4: wrong
+    result = step_result(draft, valid[0], 0, target, vocab)
+    p = torch.softmax(torch.tensor([2.0, 1.0, -1.0]), 0)
+    q = torch.softmax(torch.tensor([0.5, 1.0, 0.0]), 0)
+    assert result.kl.item() == pytest.approx(float((p * (p / q).log()).sum()), abs=1e-6)
+    assert result.ce.item() == pytest.approx(-math.log(q[0]), abs=1e-6)
+    assert (result.correct, result.count) == (0, 2)
+    draft[0, 0] = torch.tensor([3.0, 1.0, 0.0])
+    assert step_result(draft, valid[0], 0, target, vocab).correct == 1
+
+
+def _sequential_reference(draft, features, packed, num_steps):
+    """Decoding's order on a one-sample pack: the draft cache grows over the real context (an image block
+    in one forward, text one token at a time); after each text token, chain steps then roll back."""
+    ids, pos = packed.input_ids, packed.position_ids
+    block = packed.block_mask()[0]
+    seq = ids.shape[1]
+    cache = draft.new_cache(capacity=seq + num_steps)
+    split, kinds = packed.split_ids[0], packed.split_kinds
+    reference = {}
+    i = 0
+    while i < seq:
+        if kinds[split[i]] != 0:  # an image block enters at once, as in a prefill
+            chunk = (split == split[i]).nonzero().squeeze(1)
+        else:
+            chunk = torch.tensor([i])
+        next_ids = torch.cat([ids[:, 1:], ids.new_zeros(1, 1)], dim=1)
+        mask = cache.attention_mask(chunk.numel(), block_mask=block[chunk][:, chunk])
+        logits, hidden = draft(features[:, chunk], next_ids[:, chunk], pos[:, chunk], cache, mask)
+        cache.commit(chunk.numel(), 1)
+        if chunk.numel() == 1 and i + 1 < seq:  # (the last token has no next token to read)
+            reference[(i, 0)] = logits[0, -1]
+            h = hidden[:, -1:]
+            for j in range(1, num_steps):
+                if i + 1 + j >= seq:
+                    break
+                logits, h = draft(h, ids[:, i + 1 + j : i + 2 + j], pos[:, i : i + 1] + j, cache)
+                cache.commit(1, 1)
+                reference[(i, j)] = logits[0, -1]
+            cache.rollback(i + 1)
+        i += chunk.numel()
+    return reference
+
+
+@torch.no_grad()
+def test_parallel_pass_equals_sequential_drafting(setup) -> None:
+    target, draft = setup
+    a, b, c = _samples()
+    packed = _pack(target, [[a, b], [c]])  # two rows, two samples in the first, padding in the second
+    states = target.forward_packed(packed, output_hidden_states=True).hidden_states
+    features = draft.fuse(states, packed.position_ids)
+    parallel = list(
+        ttt_steps(draft, features, packed.input_ids, packed.position_ids, packed.block_mask(), NUM_STEPS)
+    )
+    compared = 0
+    for row, row_samples in enumerate([[a, b], [c]]):
+        offset = 0
+        for sample in row_samples:
+            alone = _pack(target, [[sample]])
+            length = alone.shape[1]
+            reference = _sequential_reference(
+                draft, features[row : row + 1, offset : offset + length], alone, NUM_STEPS
+            )
+            for (i, j), logits in reference.items():
+                torch.testing.assert_close(parallel[j][row, offset + i], logits, rtol=0, atol=1e-5)
+                compared += 1
+            offset += length
+    assert compared > 60
+
+
+def test_gradients_through_the_concatenating_cache(setup) -> None:
+    """Gradients of the parallel pass equal those of per-position chains run on a fresh TrainingCache."""
+    target, draft = setup
+    a, _, _ = _samples()
+    packed = _pack(target, [[a]])
+    with torch.no_grad():
+        states = target.forward_packed(packed, output_hidden_states=True).hidden_states
+    block = packed.block_mask()
+    ids, pos = packed.input_ids, packed.position_ids
+    seq = ids.shape[1]
+    positions = [seq - 8, seq - 6, seq - 5]
+    weights = torch.randn(NUM_STEPS, len(positions), draft.lm_head.out_features)
+
+    def parallel_objective():
+        features = draft.fuse(states, pos)
+        steps = ttt_steps(draft, features, ids, pos, block, NUM_STEPS)
+        return sum((logits[0, positions] * weights[j]).sum() for j, logits in enumerate(steps))
+
+    def chained_objective():
+        features = draft.fuse(states, pos)
+        total = 0.0
+        for k, i in enumerate(positions):
+            cache = TrainingCache(1)
+            prefix = slice(0, i + 1)
+            next_ids = torch.cat([ids[:, 1:], ids.new_zeros(1, 1)], dim=1)
+            mask = block[:, prefix, prefix][:, None]
+            logits, h = draft(features[:, prefix], next_ids[:, prefix], pos[:, prefix], cache, mask)
+            cache.commit(i + 1)
+            total = total + (logits[0, -1] * weights[0, k]).sum()
+            h = h[:, -1:]
+            for j in range(1, NUM_STEPS):
+                mask = torch.ones(1, 1, 1, i + 1 + j, dtype=torch.bool)
+                logits, h = draft(h, ids[:, i + 1 + j : i + 2 + j], pos[:, i : i + 1] + j, cache, mask)
+                cache.commit(1)
+                total = total + (logits[0, -1] * weights[j, k]).sum()
+        return total
+
+    grads = []
+    for objective in (parallel_objective, chained_objective):
+        draft.zero_grad()
+        objective().backward()
+        grads.append({n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and "fc.weight" in grads[0] and "fc2.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_ttt_loss_trains_the_draft_towards_the_target(setup) -> None:
+    """The weighted loss falls under a few optimizer steps; empty packs give a zero loss in the graph."""
+    target, draft = setup
+    draft.train()
+    a, b, c = _samples()
+    packed = _pack(target, [[a, b, c]])
+    with torch.no_grad():
+        states = target.forward_packed(packed, output_hidden_states=True).hidden_states
+    vocab = DraftVocabulary.from_d2t(draft.d2t, target.config.llm.vocab_size)
+
+    def head(h):
+        return target.language_model.lm_head(target.language_model.model.norm(h))
+
+    optimizer = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        result = ttt_loss(draft, draft.fuse(states, packed.position_ids), packed, head, states[-1], vocab, 3)
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+        losses.append(result.loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    terms = result.terms()
+    assert {"loss", "kl_0", "ce_2", "acc_2"} <= set(terms)
+    assert [s.count for s in result.steps] == [5 + 3 + 4, 4 + 2 + 3, 3 + 1 + 2]  # answers of 5, 3, 4 tokens
+
+    no_answer = _pack(target, [[[TextBlock([10, 11])]]])
+    with torch.no_grad():
+        states = target.forward_packed(no_answer, output_hidden_states=True).hidden_states
+    features = draft.fuse(states, no_answer.position_ids)
+    empty = ttt_loss(draft, features, no_answer, head, states[-1], vocab, 3)
+    assert empty.loss.item() == 0.0 and empty.loss.requires_grad
