@@ -266,7 +266,7 @@ def test_ttt_loss_trains_the_draft_towards_the_target(setup) -> None:
     optimizer = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(15):
-        result = ttt_loss(draft, draft.fuse(states, packed.position_ids), packed, head, states[-1], vocab, 3)
+        result = ttt_loss(draft, states, packed, head, vocab, 3)
         optimizer.zero_grad()
         result.loss.backward()
         optimizer.step()
@@ -279,6 +279,5 @@ def test_ttt_loss_trains_the_draft_towards_the_target(setup) -> None:
     no_answer = _pack(target, [[[TextBlock([10, 11])]]])
     with torch.no_grad():
         states = target.forward_packed(no_answer, output_hidden_states=True).hidden_states
-    features = draft.fuse(states, no_answer.position_ids)
-    empty = ttt_loss(draft, features, no_answer, head, states[-1], vocab, 3)
+    empty = ttt_loss(draft, states, no_answer, head, vocab, 3)
     assert empty.loss.item() == 0.0 and empty.loss.requires_grad

@@ -267,23 +267,25 @@ class TTTResult:
 
 def ttt_loss(
     draft: nn.Module,
-    features: torch.Tensor,
+    target_hidden_states: Sequence[torch.Tensor],
     packed: PackedSequence,
     target_head: Callable[[torch.Tensor], torch.Tensor],
-    target_last_hidden: torch.Tensor,
     vocab: DraftVocabulary,
     num_steps: int = 7,
     decay: float = 0.8,
     ce_weight: float = 0.1,
 ) -> TTTResult:
-    """sum_j decay^j (KL_j + ce_weight * CE_j) of a pack, with its draft input features [B, S, H].
+    """sum_j decay^j (KL_j + ce_weight * CE_j) of a pack.
 
-    target_head / target_last_hidden: see `target_predictions`. Each step's loss is taken as soon as
-    the step has run, so only its loss-position logits stay alive for backward, not the [B, S, Vd] ones.
+    target_hidden_states: the target's L + 1 hidden states [B, S, H] of the pack, which the draft fuses
+    into its step-0 features (with the pack's mask); the last one also gives the target's predictions
+    through `target_head` (see `target_predictions`). Each step's loss is taken as soon as the step
+    has run, so only its loss-position logits stay alive for backward, not the [B, S, Vd] ones.
     """
     valid = loss_positions(packed, num_steps)
-    target = target_predictions(target_head, target_last_hidden, valid, vocab)
+    target = target_predictions(target_head, target_hidden_states[-1], valid, vocab)
     block_mask = packed.block_mask()
+    features = draft.fuse(target_hidden_states, packed.position_ids, attention_mask=block_mask[:, None])
     steps, total = [], features.sum() * 0.0
     logits_of_steps = ttt_steps(draft, features, packed.input_ids, packed.position_ids, block_mask, num_steps)
     for j, (weight, logits) in enumerate(zip(step_weights(num_steps, decay), logits_of_steps)):
