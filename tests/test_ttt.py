@@ -1,15 +1,14 @@
 """Training-time test: EAGLE-3's mask, loss positions, the loss terms, and the parallel pass against a
 sequential reference that drafts position by position exactly as decoding does."""
 
-import copy
+import dataclasses
 import math
 
 import pytest
 import torch
-from torch import nn
 
-from hyperbagel.backbone.kv_cache import KVCache
 from hyperbagel.backbone.packing import TextBlock, VitImage, pack
+from hyperbagel.speculative.draft_head import DraftHead, DraftHeadConfig
 from hyperbagel.speculative.ttt import (
     DraftVocabulary,
     TrainingCache,
@@ -21,48 +20,9 @@ from hyperbagel.speculative.ttt import (
     ttt_loss,
     ttt_steps,
 )
+from hyperbagel.speculative.vocab import vocab_maps
 
 NUM_STEPS = 4
-
-
-class StandInDraft(nn.Module):
-    """A minimal module with DraftHead's API: eagle3-style fuse, fc2, target layers, reduced vocabulary."""
-
-    def __init__(self, target, keep_ids: list[int], num_layers: int = 2) -> None:
-        super().__init__()
-        llm = target.language_model
-        hidden = target.config.hidden_size
-        self.embed_tokens = copy.deepcopy(llm.model.embed_tokens).requires_grad_(False)
-        self.fc = nn.Linear(3 * hidden, hidden)
-        self.fc2 = nn.Linear(2 * hidden, hidden)
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in llm.model.layers[-num_layers:])
-        for index, layer in enumerate(self.layers):
-            layer.self_attn.layer_idx = index
-        self.norm = copy.deepcopy(llm.model.norm)
-        self.rotary_emb = llm.model.rotary_emb
-        ids = torch.tensor(keep_ids)
-        self.lm_head = nn.Linear(hidden, len(keep_ids), bias=False)
-        self.lm_head.weight.data = llm.lm_head.weight.data[ids].clone()
-        self.register_buffer("d2t", ids - torch.arange(len(keep_ids)))
-        self.kv_heads, self.head_dim = llm.num_kv_heads, llm.head_dim
-
-    def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
-        return KVCache(len(self.layers), batch_size, self.kv_heads, self.head_dim, capacity)
-
-    def fuse(self, target_hidden_states, position_ids, cache=None, attention_mask=None):
-        taps = [target_hidden_states[i] for i in (0, 1, 2)]
-        return self.fc(torch.cat(taps, dim=-1))
-
-    def forward(self, features, input_ids, position_ids, cache=None, attention_mask=None):
-        x = self.fc2(torch.cat([self.embed_tokens(input_ids), features], dim=-1))
-        if isinstance(cache, KVCache):
-            cache.reserve(x.shape[1])
-            if attention_mask is None:
-                attention_mask = cache.attention_mask(x.shape[1])
-        rope = self.rotary_emb(x, position_ids)
-        for layer in self.layers:
-            x = layer(x, rope, attention_mask, None, cache)
-        return self.lm_head(self.norm(x)).float(), x
 
 
 def _pack(tiny_bagel, rows):
@@ -77,12 +37,28 @@ def _samples():
     return a, b, c
 
 
-@pytest.fixture
-def setup(tiny_bagel):
+VARIANTS = {
+    "meta_query": DraftHeadConfig(aggregation="meta_query", num_layers=2),
+    "eagle3": DraftHeadConfig(aggregation="eagle3", num_layers=1),
+    "eagle3_compatible": DraftHeadConfig(
+        aggregation="eagle3", num_layers=1, zero_init=False, eagle3_compatible=True
+    ),
+}
+
+
+def _draft(target, config: DraftHeadConfig) -> DraftHead:
+    """A draft head with a reduced vocabulary and every weight non-zero (zero init would hide the fusion
+    paths from the comparisons)."""
     torch.manual_seed(0)
-    keep = [i for i in range(tiny_bagel.config.llm.vocab_size) if i % 7 != 5]  # a reduced vocabulary
-    draft = StandInDraft(tiny_bagel, keep).eval()
-    return tiny_bagel, draft
+    vocab = target.config.llm.vocab_size
+    config = dataclasses.replace(config, zero_init=False, draft_vocab_size=vocab - 12)
+    counts = torch.randint(0, 100, (vocab,), generator=torch.Generator().manual_seed(3))
+    return DraftHead.from_target(target, config, counts).eval()
+
+
+@pytest.fixture(params=list(VARIANTS))
+def setup(request, tiny_bagel):
+    return tiny_bagel, _draft(tiny_bagel, VARIANTS[request.param])
 
 
 def test_mask_matches_a_hand_written_matrix() -> None:
@@ -124,7 +100,7 @@ def test_acceptance_length_from_step_accuracies() -> None:
 def test_step_loss_terms_by_hand() -> None:
     """KL over the renormalised draft vocabulary, CE on the target argmax; an argmax outside the draft
     vocabulary leaves the loss but counts as a miss."""
-    vocab = DraftVocabulary.from_d2t(torch.tensor([0, 1, 1]), 5)  # draft ids 0, 1, 2 = target 0, 2, 3
+    vocab = DraftVocabulary.from_maps(*vocab_maps(torch.tensor([0, 2, 3]), 5))  # draft ids 0, 1, 2
     assert vocab.target_to_draft.tolist() == [0, -1, 1, 2, -1]
     target_hidden = torch.zeros(1, 4, 5)
     target_hidden[0, 1] = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.0])  # argmax 0 (in the draft vocab)
@@ -245,20 +221,21 @@ def test_gradients_through_the_concatenating_cache(setup) -> None:
         draft.zero_grad()
         objective().backward()
         grads.append({n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
-    assert set(grads[0]) == set(grads[1]) and "fc.weight" in grads[0] and "fc2.weight" in grads[0]
+    trainable = {name for name, p in draft.named_parameters() if p.requires_grad}
+    assert set(grads[0]) == set(grads[1]) == trainable
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
 
 
-def test_ttt_loss_trains_the_draft_towards_the_target(setup) -> None:
+def test_ttt_loss_trains_the_draft_towards_the_target(tiny_bagel) -> None:
     """The weighted loss falls under a few optimizer steps; empty packs give a zero loss in the graph."""
-    target, draft = setup
+    target, draft = tiny_bagel, _draft(tiny_bagel, VARIANTS["meta_query"])
     draft.train()
     a, b, c = _samples()
     packed = _pack(target, [[a, b, c]])
     with torch.no_grad():
         states = target.forward_packed(packed, output_hidden_states=True).hidden_states
-    vocab = DraftVocabulary.from_d2t(draft.d2t, target.config.llm.vocab_size)
+    vocab = DraftVocabulary.from_maps(draft.d2t, draft.t2d)
 
     def head(h):
         return target.language_model.lm_head(target.language_model.model.norm(h))
@@ -273,7 +250,11 @@ def test_ttt_loss_trains_the_draft_towards_the_target(setup) -> None:
         losses.append(result.loss.item())
     assert losses[-1] < 0.5 * losses[0]
     terms = result.terms()
-    assert {"loss", "kl_0", "ce_2", "acc_2"} <= set(terms)
+    assert {"loss", "loss_1", "kl_0", "ce_2", "acc_2"} <= set(terms)
+    for j in range(3):
+        assert terms[f"loss_{j}"].item() == pytest.approx((terms[f"kl_{j}"] + 0.1 * terms[f"ce_{j}"]).item())
+    weighted = sum(0.8**j * terms[f"loss_{j}"] for j in range(3))
+    assert result.loss.item() == pytest.approx(weighted.item(), rel=1e-6)
     assert [s.count for s in result.steps] == [5 + 3 + 4, 4 + 2 + 3, 3 + 1 + 2]  # answers of 5, 3, 4 tokens
 
     no_answer = _pack(target, [[[TextBlock([10, 11])]]])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperbagel.backbone.packing import PackedSequence
+from hyperbagel.speculative.vocab import draft_to_target, target_to_draft
 
 
 class TrainingCache:
@@ -139,13 +140,12 @@ class DraftVocabulary:
     target_to_draft: torch.Tensor
 
     @classmethod
-    def from_d2t(cls, d2t: torch.Tensor, target_vocab_size: int) -> DraftVocabulary:
-        """From EAGLE-3's offsets (target_id = draft_id + d2t[draft_id])."""
-        draft_ids = torch.arange(d2t.numel(), device=d2t.device)
-        draft_to_target = draft_ids + d2t
-        target_to_draft = torch.full((target_vocab_size,), -1, dtype=torch.long, device=d2t.device)
-        target_to_draft[draft_to_target] = draft_ids
-        return cls(draft_to_target, target_to_draft)
+    def from_maps(cls, d2t: torch.Tensor, t2d: torch.Tensor) -> DraftVocabulary:
+        """From a draft head's EAGLE-3 maps (`d2t` offsets [Vd], `t2d` mask [V])."""
+        return cls(
+            draft_to_target(torch.arange(d2t.numel(), device=d2t.device), d2t),
+            target_to_draft(torch.arange(t2d.numel(), device=t2d.device), t2d),
+        )
 
 
 @dataclass
@@ -254,11 +254,14 @@ class TTTResult:
 
     loss: torch.Tensor
     steps: list[StepResult]
+    ce_weight: float
 
     def terms(self) -> dict[str, torch.Tensor]:
-        """Named scalars for logging: loss, kl_j, ce_j, acc_j (acc of a step without positions is 0)."""
+        """Named scalars for logging: loss, then per step j its unweighted loss_j = kl_j + ce_weight *
+        ce_j, kl_j, ce_j and acc_j (the accuracy of a step without loss positions reads 0)."""
         terms = {"loss": self.loss}
         for j, step in enumerate(self.steps):
+            terms[f"loss_{j}"] = (step.kl + self.ce_weight * step.ce).detach()
             terms[f"kl_{j}"] = step.kl.detach()
             terms[f"ce_{j}"] = step.ce.detach()
             terms[f"acc_{j}"] = torch.tensor(step.correct / max(step.count, 1))
@@ -292,4 +295,4 @@ def ttt_loss(
         result = step_result(logits, valid[j], j, target, vocab)
         steps.append(result)
         total = total + weight * (result.kl + ce_weight * result.ce)
-    return TTTResult(loss=total, steps=steps)
+    return TTTResult(loss=total, steps=steps, ce_weight=ce_weight)
