@@ -7,7 +7,6 @@ import lightning as L
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from hyperbagel.backbone.image_transforms import vit_input
@@ -16,6 +15,7 @@ from hyperbagel.datamodules.packed_dataset import TrainingPack, keep_pack
 from hyperbagel.datamodules.readers import Origin
 from hyperbagel.lightning_modules.draft_head import DraftHeadExport, DraftHeadModule, answer_token_counts
 from hyperbagel.speculative.draft_head import DraftHeadConfig
+from hyperbagel.speculative.export import load_draft_head
 from hyperbagel.speculative.features import FeatureStore
 from hyperbagel.speculative.regenerate import main as regenerate_main
 from hyperbagel.speculative.ttt import acceptance_length
@@ -338,7 +338,7 @@ def test_export_every_n_steps_and_on_an_exception(tmp_path) -> None:
     folder = tmp_path / "head"
 
     def written_equals_current(pl_module) -> bool:
-        written = load_file(str(folder / "model.safetensors"))
+        written = load_draft_head(folder, pl_module.target).state_dict()
         current = pl_module.draft_head.state_dict()
         return written.keys() == current.keys() and all(torch.equal(written[k], current[k]) for k in current)
 
@@ -363,7 +363,9 @@ def test_export_every_n_steps_and_on_an_exception(tmp_path) -> None:
     assert probe.seen == {2: True, 3: False}  # written at step 2, not at step 3
     assert written_equals_current(stage)  # ... until the exception
     config = json.loads((folder / "config.json").read_text())
-    assert config["draft"]["num_layers"] == 1
+    assert (
+        config["architectures"] == ["HyperBagelDraftHead"] and config["hyperbagel_draft"]["num_layers"] == 1
+    )
 
 
 def test_draft_head_fits_through_the_cli(tmp_path) -> None:

@@ -14,11 +14,9 @@ training.
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +29,12 @@ from transformers import PreTrainedTokenizerBase
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import EMA_FILE, from_pretrained, quantize_decoder_layers
 from hyperbagel.backbone.config import PRESETS
-from hyperbagel.callbacks.ema import chosen_weights
-from hyperbagel.callbacks.export import replace_folder
+from hyperbagel.callbacks.ema import chosen_weights, require_ema
 from hyperbagel.datamodules.readers import expand_paths
 from hyperbagel.lightning_modules.base import BagelStage, default_optimizer
 from hyperbagel.lightning_modules.pretrain import packed_of
 from hyperbagel.speculative.draft_head import DraftHead, DraftHeadConfig
+from hyperbagel.speculative.export import export_draft_head
 from hyperbagel.speculative.features import (
     FeatureStore,
     TargetFeatures,
@@ -44,6 +42,7 @@ from hyperbagel.speculative.features import (
     target_logits,
 )
 from hyperbagel.speculative.ttt import DraftVocabulary, TTTResult, acceptance_length, ttt_loss
+from hyperbagel.speculative.vocab import count_tokens
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -58,31 +57,25 @@ def answer_token_counts(
     """How often each token id is a label of the answers (gpt turns, plus each turn's `<|im_end|>`) in
     LLaVA jsonl files: the counts the draft vocabulary is chosen from. Reads text only (no image);
     `max_rows` caps the rows read per file. Unparsable rows are skipped (the data module reports them)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for file in files:
-        with open(file, encoding="utf-8") as handle:
-            rows = 0
-            for line in handle:
-                if max_rows is not None and rows >= max_rows:
-                    break
-                if not line.strip():
-                    continue
-                rows += 1
-                try:
-                    turns = json.loads(line).get("conversations") or []
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-                ids = [
-                    token
-                    for turn in turns
-                    if isinstance(turn, dict)
-                    and turn.get("from") == "gpt"
-                    and isinstance(turn.get("value"), str)
-                    for token in [*tokenizer.encode(turn["value"], add_special_tokens=False), im_end]
-                ]
-                if ids:
-                    counts += torch.bincount(torch.tensor(ids), minlength=vocab_size)[:vocab_size]
-    return counts
+
+    def answers() -> Iterator[list[int]]:
+        for file in files:
+            with open(file, encoding="utf-8") as handle:
+                lines = (line for line in handle if line.strip())
+                for line in itertools.islice(lines, max_rows):
+                    try:
+                        turns = json.loads(line).get("conversations") or []
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    for turn in turns:
+                        if (
+                            isinstance(turn, dict)
+                            and turn.get("from") == "gpt"
+                            and isinstance(turn.get("value"), str)
+                        ):
+                            yield [*tokenizer.encode(turn["value"], add_special_tokens=False), im_end]
+
+    return count_tokens(answers(), vocab_size)
 
 
 class DraftHeadModule(BagelStage):
@@ -284,41 +277,39 @@ class DraftHeadModule(BagelStage):
 
 
 # --- writing the head ------------------------------------------------------------------------------
-def save_draft_head(head: DraftHead, folder: str | Path) -> None:
-    """`config.json` (the head's config and dimensions) + `model.safetensors` (its state dict)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "draft": asdict(head.config),
-        "hidden_size": head.hidden_size,
-        "target_vocab_size": head.target_vocab_size,
-        "draft_vocab_size": head.draft_vocab_size,
-        "num_target_layers": head.num_target_layers,
-    }
-    state = {key: tensor.detach().cpu().contiguous() for key, tensor in head.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 class DraftHeadExport(Callback):
-    """Writes the stage's draft head to `dirpath` every `every_n_train_steps` steps, at the end of fit,
-    and (rank 0, best effort) when training stops on an exception, so a stopped run keeps its head.
+    """Writes the stage's draft head with `hyperbagel.speculative.export.export_draft_head` (EAGLE-3's
+    serving folder for an EAGLE-3-compatible head, our own format otherwise) every
+    `every_n_train_steps` optimizer steps, at the end of fit, and (rank 0, best effort) when training
+    stops on an exception or Ctrl-C, so a stopped run keeps its latest head.
 
-    The folder is written next to `dirpath` and renamed over it only when complete. `use_ema` writes the
-    average kept by the trainer's `EMA` callback instead of the raw weights.
+    Args:
+        dirpath: the folder to (re)write; each write replaces it only when complete.
+        every_n_train_steps: also export every this many optimizer steps.
+        use_ema: write the average kept by the trainer's `EMA` callback instead of the raw weights.
+        dtype: "bfloat16", "float16" or "float32" for the written tensors; None keeps the training dtype.
     """
 
     def __init__(
-        self, dirpath: str | Path, every_n_train_steps: int | None = None, use_ema: bool = False
+        self,
+        dirpath: str | Path,
+        every_n_train_steps: int | None = None,
+        use_ema: bool = False,
+        dtype: str | None = None,
     ) -> None:
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"export dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
         self.use_ema = use_ema
+        self.dtype = DTYPES[dtype] if dtype is not None else None
         self._last_export_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.use_ema:
+            require_ema(trainer, type(self).__name__)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -344,13 +335,5 @@ class DraftHeadExport(Callback):
         trainer.strategy.barrier("draft_head_export")
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        parent = self.dirpath.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{self.dirpath.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
-                save_draft_head(pl_module.draft_head, staging)
-            replace_folder(staging, self.dirpath)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
+            export_draft_head(pl_module.draft_head, self.dirpath, self.dtype)
