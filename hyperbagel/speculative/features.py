@@ -75,8 +75,10 @@ class FeatureStore:
                     f"the feature cache {self.directory} was written for another target ({stored}); this "
                     f"target is {fingerprint}. Use a new cache folder or delete this one"
                 )
-        else:
-            stored_path.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+        else:  # every rank of a run may get here at once: write atomically (same content from each)
+            tmp = stored_path.with_name(f".{stored_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, stored_path)
 
     @staticmethod
     def key(origin: Origin, input_ids: torch.Tensor, position_ids: torch.Tensor) -> str:
