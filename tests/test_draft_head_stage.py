@@ -269,6 +269,9 @@ def test_offline_features_are_computed_once_and_read_back(tmp_path) -> None:
         stage.compute_losses(reordered, "val")
     with pytest.raises(ValueError, match="another target"):
         FeatureStore(tmp_path / "features", {"model": "something else"})
+    torch.manual_seed(1)  # another random tiny target must not read these features
+    with pytest.raises(ValueError, match="another target"):
+        DraftHeadModule(model="tiny", feature_cache=str(tmp_path / "features")).configure_model()
 
 
 def test_answer_token_counts_and_the_reduced_vocabulary(shapes_tokenizer, tmp_path) -> None:

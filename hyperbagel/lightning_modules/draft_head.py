@@ -14,6 +14,7 @@ training.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -176,7 +177,8 @@ class DraftHeadModule(BagelStage):
         return target.requires_grad_(False).eval()
 
     def target_fingerprint(self, target: Bagel) -> dict[str, Any]:
-        """What identifies the target's features: its folder and weights file (size, time), its shape."""
+        """What identifies the target's features: its weights file (path, size, time) or, for a random
+        preset target, a digest of its weights; its shape and quantization."""
         fingerprint: dict[str, Any] = {
             "model": self.model_source,
             "num_layers": target.config.llm.num_hidden_layers,
@@ -187,6 +189,11 @@ class DraftHeadModule(BagelStage):
         if weights.is_file():
             stat = weights.stat()
             fingerprint.update(model=str(weights.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        else:
+            digest = hashlib.sha1()
+            for tensor in target.state_dict().values():
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            fingerprint["weights_sha1"] = digest.hexdigest()
         return fingerprint
 
     # --- model construction -------------------------------------------------------------------------
