@@ -6,12 +6,17 @@ stacks the three CFG contexts of every prompt as rows of ONE cache, [conditional
 so each sampling step is a single batched forward; outside the CFG interval only the conditional rows run.
 The pieces (`prefill`, `ImageContexts.velocity`, `sample_latent_tokens`) are public because the
 distillation stages drive the same sampler with their own step grids, guidance and callbacks.
+
+A CFG-distilled model (`Bagel.has_guidance_embedders`) samples with the same calls: its velocity is ONE
+conditional pass with the scales the teacher's CFG would apply at t embedded (`guidance_scales`), so no
+unconditional context is prefilled and each step costs one model evaluation (`sampling_nfe`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from PIL import Image
@@ -19,30 +24,49 @@ from transformers import PreTrainedTokenizerBase
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from hyperbagel.backbone.autoencoder import patchify_latents, tensor_to_pil
-from hyperbagel.backbone.bagel import Bagel
+from hyperbagel.backbone.bagel import Bagel, PackedOutput
 from hyperbagel.backbone.config import BagelConfig
-from hyperbagel.backbone.flow import CFGConfig, StepCallback, cfg_combine, euler_sample, sampling_schedule
+from hyperbagel.backbone.flow import (
+    CFGConfig,
+    StepCallback,
+    TimeLike,
+    cfg_combine,
+    count_nfe,
+    euler_sample,
+    sampling_schedule,
+)
 from hyperbagel.backbone.image_transforms import vae_input, vit_input
 from hyperbagel.backbone.kv_cache import KVCache
-from hyperbagel.backbone.packing import Sample, TextBlock, VaeImage, VitImage, pack
+from hyperbagel.backbone.packing import PackedSequence, Sample, TextBlock, VaeImage, VitImage, pack
 
 
 @torch.no_grad()
 def prefill(model: Bagel, samples: Sequence[Sample], capacity_margin: int = 64) -> KVCache:
     """A cache with one committed context row per sample (all blocks clean; empty samples allowed)."""
+    return prefill_packed(model, samples, capacity_margin)[0]
+
+
+@torch.no_grad()
+def prefill_packed(
+    model: Bagel, samples: Sequence[Sample], capacity_margin: int = 64, output_hidden_states: bool = False
+) -> tuple[KVCache, PackedSequence, PackedOutput | None]:
+    """`prefill` that also returns the pack and the model's output over it (None when every sample is
+    empty); speculative decoding starts its draft head from the context's per-layer hidden states."""
     packed = pack([[sample] for sample in samples], model.config)
     cache = model.language_model.new_cache(
         batch_size=len(samples), capacity=packed.shape[1] + capacity_margin
     )
     if max(packed.valid_lengths) == 0:
-        return cache
+        return cache, packed, None
     tokens = timesteps = None
     if packed.vae_images:
         tokens = torch.cat(model.encode_latent_tokens(packed.vae_images))
         timesteps = torch.zeros(tokens.shape[0], device=model.device)
-    model.forward_packed(packed, tokens, timesteps, cache=cache)
+    output = model.forward_packed(
+        packed, tokens, timesteps, cache=cache, output_hidden_states=output_hidden_states
+    )
     cache.commit(packed.valid_lengths, packed.rope_advance)
-    return cache
+    return cache, packed, output
 
 
 def _choose_tokens(
@@ -90,6 +114,26 @@ def generate_text(
     return answers
 
 
+Guidance: TypeAlias = CFGConfig | Sequence[CFGConfig]
+PerSample: TypeAlias = float | torch.Tensor | None
+
+
+def guidance_scales(cfg: CFGConfig, t: TimeLike) -> tuple[float, float]:
+    """(text, image) scales BAGEL's CFG applies at t: a scale where its pass would run, else 1 (as outside
+    the interval, where the teacher runs the conditional pass alone). What a distilled student embeds."""
+    if not cfg.needs_text_uncond(t):
+        return 1.0, 1.0
+    return cfg.text_scale, cfg.img_scale if cfg.needs_img_uncond(t) else 1.0
+
+
+def sampling_nfe(model: Bagel, timesteps: torch.Tensor | Sequence[float], cfg: CFGConfig) -> int:
+    """Model evaluations per image of `sample_latent_tokens` with this model: one per step for a
+    guidance-distilled model, `count_nfe` (CFG passes included) otherwise."""
+    if model.has_guidance_embedders:
+        return len(timesteps) - 1
+    return count_nfe(timesteps, cfg)
+
+
 @dataclass
 class ImageContexts:
     """The stacked CFG contexts of B prompts and the noisy-block packs that query them."""
@@ -114,25 +158,108 @@ class ImageContexts:
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def raw_velocity(self, x: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:
-        """Unguided velocity [rows, N, D] of tokens x [rows, N, D] at time t against the first `rows` rows."""
+    def _per_token(self, value: float | torch.Tensor, rows: int) -> torch.Tensor:
+        """A scalar or per-row [rows] value repeated for every latent token of its row: [rows * N]."""
+        value = torch.as_tensor(value, dtype=torch.float32).to(self.model.device, torch.float32)
+        if value.ndim == 0:
+            return value.expand(rows * self.num_tokens)
+        if tuple(value.shape) != (rows,):
+            raise ValueError(f"expected a scalar or one value per row ({rows},), got {tuple(value.shape)}")
+        return value.repeat_interleave(self.num_tokens)
+
+    def raw_velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        rows: int,
+        text_scales: PerSample = None,
+        img_scales: PerSample = None,
+    ) -> torch.Tensor:
+        """Velocity [rows, N, D] of one pass of tokens x [rows, N, D] against the first `rows` rows.
+
+        t is one time or one per row; a guidance-distilled model also takes its guidance scales (scalars or
+        one per row). Without scales the pass is unguided (the conditional or an unconditional branch).
+        """
         cache = self.cache if rows == self.cache.batch_size else self.cache.narrow(0, rows)
         packed = self._packs[rows]
-        timesteps = t.to(self.model.device, torch.float32).expand(rows * self.num_tokens)
+        scales = {}
+        if text_scales is not None or img_scales is not None:
+            scales = {
+                "text_scales": self._per_token(1.0 if text_scales is None else text_scales, rows),
+                "img_scales": self._per_token(1.0 if img_scales is None else img_scales, rows),
+            }
         output = self.model.forward_packed(
-            packed, x.reshape(rows * self.num_tokens, -1), timesteps, cache=cache
+            packed,
+            x.reshape(rows * self.num_tokens, -1),
+            self._per_token(t, rows),
+            cache=cache,
+            **scales,
         )
         return self.model.velocity(output, packed).reshape(rows, self.num_tokens, -1).to(x.dtype)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cfg: CFGConfig) -> torch.Tensor:
-        """BAGEL's guided velocity for x [B, N, D]; one batched forward over the contexts CFG needs at t."""
-        use_text = self.has_text_uncond and cfg.needs_text_uncond(t)
-        if not use_text:
-            return self.raw_velocity(x, t, self.batch_size)
-        use_img = self.has_img_uncond and cfg.needs_img_uncond(t)
-        copies = 3 if use_img else 2
-        v = self.raw_velocity(x.repeat(copies, 1, 1), t, copies * self.batch_size).chunk(copies)
-        return cfg_combine(v[0], v[1], v[2] if use_img else None, cfg, t)
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cfg: Guidance) -> torch.Tensor:
+        """BAGEL's guided velocity for x [B, N, D]; one batched forward over the contexts CFG needs at t.
+
+        t may be one time (sampling) or one per sample [B], and `cfg` one setting or one per sample
+        (distillation targets): each sample is then guided exactly as the sampler would guide it alone.
+        A guidance-distilled model runs one conditional pass with `guidance_scales` embedded instead.
+        """
+        if self.model.has_guidance_embedders:
+            return self._distilled_velocity(x, t, cfg)
+        if isinstance(cfg, CFGConfig) and torch.as_tensor(t).ndim == 0:
+            use_text = self.has_text_uncond and cfg.needs_text_uncond(t)
+            if not use_text:
+                return self.raw_velocity(x, t, self.batch_size)
+            use_img = self.has_img_uncond and cfg.needs_img_uncond(t)
+            copies = 3 if use_img else 2
+            v = self.raw_velocity(x.repeat(copies, 1, 1), t, copies * self.batch_size).chunk(copies)
+            return cfg_combine(v[0], v[1], v[2] if use_img else None, cfg, t)
+        return self._per_sample_velocity(x, t, cfg)
+
+    def _per_sample(self, t: torch.Tensor, cfg: Guidance) -> tuple[torch.Tensor, list[CFGConfig]]:
+        """t as [B] float32 and cfg as B settings."""
+        batch = self.batch_size
+        times = torch.as_tensor(t, dtype=torch.float32)
+        times = times.expand(batch) if times.ndim == 0 else times
+        cfgs = [cfg] * batch if isinstance(cfg, CFGConfig) else list(cfg)
+        if tuple(times.shape) != (batch,) or len(cfgs) != batch:
+            raise ValueError(
+                f"need one time and one CFG setting per sample ({batch}), got times of shape "
+                f"{tuple(times.shape)} and {len(cfgs)} settings"
+            )
+        return times, cfgs
+
+    def _per_sample_velocity(self, x: torch.Tensor, t: torch.Tensor, cfg: Guidance) -> torch.Tensor:
+        """The teacher's guided velocity with a time and a CFG setting per sample: the passes any sample
+        needs run batched; each sample is combined by `cfg_combine` with its own setting and time."""
+        times, cfgs = self._per_sample(t, cfg)
+        batch = self.batch_size
+        use_text = [self.has_text_uncond and c.needs_text_uncond(ti) for c, ti in zip(cfgs, times)]
+        if not any(use_text):
+            return self.raw_velocity(x, times, batch)
+        use_img = [
+            text and self.has_img_uncond and c.needs_img_uncond(ti)
+            for text, c, ti in zip(use_text, cfgs, times)
+        ]
+        copies = 3 if any(use_img) else 2
+        v = self.raw_velocity(x.repeat(copies, 1, 1), times.repeat(copies), copies * batch).chunk(copies)
+        guided = []
+        for i, (c, ti) in enumerate(zip(cfgs, times)):
+            one = [part[i : i + 1] for part in v]
+            if not use_text[i]:
+                guided.append(one[0])
+                continue
+            guided.append(cfg_combine(one[0], one[1], one[2] if use_img[i] else None, c, ti))
+        return torch.cat(guided)
+
+    def _distilled_velocity(self, x: torch.Tensor, t: torch.Tensor, cfg: Guidance) -> torch.Tensor:
+        """One conditional pass with the scales CFG would apply at t (per sample when given per sample)."""
+        if isinstance(cfg, CFGConfig) and torch.as_tensor(t).ndim == 0:
+            text, img = guidance_scales(cfg, t)
+            return self.raw_velocity(x, t, self.batch_size, text, img)
+        times, cfgs = self._per_sample(t, cfg)
+        scales = torch.tensor([guidance_scales(c, ti) for c, ti in zip(cfgs, times)], dtype=torch.float32)
+        return self.raw_velocity(x, times, self.batch_size, scales[:, 0], scales[:, 1])
 
 
 def build_image_contexts(
@@ -152,6 +279,29 @@ def build_image_contexts(
         has_text_uncond=no_text is not None,
         has_img_uncond=no_image is not None,
     )
+
+
+def t2i_context_samples(prompt_ids: Sequence[Sequence[int]]) -> tuple[list[Sample], list[Sample]]:
+    """(conditional, no text) contexts of text-to-image prompts: the prompt's text block, and nothing."""
+    return [[TextBlock(list(ids))] for ids in prompt_ids], [[] for _ in prompt_ids]
+
+
+def edit_context_samples(
+    images: Sequence[Image.Image], instruction_ids: Sequence[Sequence[int]], config: BagelConfig
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(conditional, no text, no image) contexts of edits, as BAGEL builds them: the source as a clean VAE
+    block then a ViT block, then the instruction; without the instruction; the instruction alone."""
+    if len(images) != len(instruction_ids):
+        raise ValueError(f"got {len(images)} images but {len(instruction_ids)} instructions")
+    sources = [vae_input(image, config) for image in images]
+    if len({tuple(s.shape) for s in sources}) != 1:
+        raise ValueError("images of one edit batch must share a size after resizing; batch them by size")
+    image_blocks: list[Sample] = [
+        [VaeImage(pixels=s), VitImage(vit_input(im, config))] for s, im in zip(sources, images)
+    ]
+    texts = [TextBlock(list(ids)) for ids in instruction_ids]
+    conditional = [[*blocks, text] for blocks, text in zip(image_blocks, texts)]
+    return conditional, image_blocks, [[text] for text in texts]
 
 
 def initial_noise(
@@ -249,9 +399,9 @@ class BagelInferencer:
                 f"text-to-image has no input image to guide by: img_scale must be 1, got {cfg.img_scale}"
             )
         grid = self._grid(height or self.config.vae_max_image_size, width or self.config.vae_max_image_size)
-        conditional = [[TextBlock(self.encode(p))] for p in prompts]
-        no_text = [[] for _ in prompts] if cfg.text_scale > 1.0 else None
-        contexts = build_image_contexts(self.model, conditional, no_text, None, grid)
+        conditional, no_text = t2i_context_samples([self.encode(p) for p in prompts])
+        with_cfg = cfg.text_scale > 1.0 and not self.model.has_guidance_embedders
+        contexts = build_image_contexts(self.model, conditional, no_text if with_cfg else None, None, grid)
         return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
 
     def edit(
@@ -270,17 +420,13 @@ class BagelInferencer:
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
         cfg = cfg or default_edit_cfg()
-        sources = [vae_input(image, self.config) for image in images]
-        if len({tuple(s.shape) for s in sources}) != 1:
-            raise ValueError("images of one edit batch must share a size after resizing; batch them by size")
-        grid = self._grid(*sources[0].shape[-2:])
-        image_blocks = [
-            [VaeImage(pixels=s), VitImage(vit_input(im, self.config))] for s, im in zip(sources, images)
-        ]
-        texts = [TextBlock(self.encode(instruction)) for instruction in instructions]
-        conditional = [[*blocks, text] for blocks, text in zip(image_blocks, texts)]
-        no_text = image_blocks if cfg.text_scale > 1.0 else None
-        no_image = [[text] for text in texts] if cfg.text_scale > 1.0 and cfg.img_scale > 1.0 else None
+        conditional, no_text, no_image = edit_context_samples(
+            images, [self.encode(instruction) for instruction in instructions], self.config
+        )
+        grid = self._grid(*conditional[0][0].pixels.shape[-2:])
+        text_cfg = cfg.text_scale > 1.0 and not self.model.has_guidance_embedders
+        no_text = no_text if text_cfg else None
+        no_image = no_image if text_cfg and cfg.img_scale > 1.0 else None
         contexts = build_image_contexts(self.model, conditional, no_text, no_image, grid)
         return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
 
