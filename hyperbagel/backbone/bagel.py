@@ -1,7 +1,10 @@
 """The unified BAGEL model: one MoT language model reading text, ViT features and VAE latent tokens.
 
 `Bagel` owns the trainable parts under BAGEL's checkpoint names (`language_model`, `vit_model`,
-`connector`, `vit_pos_embed`, `latent_pos_embed`, `time_embedder`, `vae2llm`, `llm2vae`). The frozen
+`connector`, `vit_pos_embed`, `latent_pos_embed`, `time_embedder`, `vae2llm`, `llm2vae`). A CFG-distilled
+model (`config.guidance_embedders`) adds `text_guidance_embedder.mlp.{0,2}.*` and
+`img_guidance_embedder.mlp.{0,2}.*`: the timestep embedder's architecture, embedding the raw guidance
+scale, added to the latent tokens like the time embedding (keys BAGEL's own loader does not know). The frozen
 autoencoder rides along (it follows `.to()`) but stays out of `state_dict`, exactly as BAGEL keeps it in
 its own `ae.safetensors`. Everything runs through `forward_packed`: training packs, context prefill and
 the noisy-latent queries of image generation are all packed sequences.
@@ -46,6 +49,39 @@ class TrainingLosses:
     num_mse_tokens: int
 
 
+class DifferentiableQuery:
+    """A `KVCache` seen by one forward that back-propagates (distillation students query cached contexts).
+
+    `KVCache.write` stores the new keys in place in one buffer shared by all layers, so autograd would find
+    the keys it saved for an earlier layer modified by the next layer's write. Here the buffer receives
+    detached copies (the cache behaves as usual) and attention gets a fresh tensor: the context span with
+    the differentiable new keys spliced in where `write` put them. Activation-checkpoint recomputation
+    writes the same values again, which is harmless.
+    """
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def write(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        span_keys, span_values = self.cache.write(layer, keys.detach(), values.detach())
+        return self._splice(span_keys, keys), self._splice(span_values, values)
+
+    def _splice(self, span: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        num_new = new.shape[2]
+        lengths = self.cache.lengths
+        if all(length == lengths[0] for length in lengths):
+            return torch.cat([span[:, :, : lengths[0]], new.to(span.dtype)], dim=2)
+        spliced = span.clone()
+        for b, length in enumerate(lengths):
+            spliced[b, :, length : length + num_new] = new[b]
+        return spliced
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
+
+
 class Bagel(nn.Module):
     """BAGEL's unified model with its exact parameter names."""
 
@@ -63,6 +99,10 @@ class Bagel(nn.Module):
         self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
+        self.text_guidance_embedder: TimestepEmbedder | None = None
+        self.img_guidance_embedder: TimestepEmbedder | None = None
+        if config.guidance_embedders:
+            self._build_guidance_embedders()
         self._autoencoder = None
         self.autoencoder = autoencoder  # frozen, eval mode, outside the state dict
 
@@ -82,6 +122,33 @@ class Bagel(nn.Module):
         from hyperbagel.backbone.checkpoint import save_pretrained
 
         save_pretrained(self, folder, tokenizer=tokenizer, dtype=dtype)
+
+    # --- guidance embedders (CFG distillation) -------------------------------------------------------
+    @property
+    def has_guidance_embedders(self) -> bool:
+        """Whether this model takes guidance scales as input (one pass per step) instead of running CFG."""
+        return self.text_guidance_embedder is not None
+
+    def _build_guidance_embedders(self) -> None:
+        """Zero-initialised final layers: the student starts exactly as the teacher's conditional branch."""
+        hidden = self.config.hidden_size
+        self.text_guidance_embedder = TimestepEmbedder(hidden)
+        self.img_guidance_embedder = TimestepEmbedder(hidden)
+        for embedder in (self.text_guidance_embedder, self.img_guidance_embedder):
+            nn.init.zeros_(embedder.mlp[2].weight)
+            nn.init.zeros_(embedder.mlp[2].bias)
+
+    def add_guidance_embedders(self) -> Bagel:
+        """Turn a CFG teacher into the CFG-distillation student (no-op when it already is one)."""
+        if self.has_guidance_embedders:
+            return self
+        device, dtype = self.device, self.dtype
+        self.config = self.config.copy()  # the caller's config object may be shared with data modules
+        self.config.guidance_embedders = True
+        self._build_guidance_embedders()
+        self.text_guidance_embedder.to(device, dtype)
+        self.img_guidance_embedder.to(device, dtype)
+        return self
 
     # --- the autoencoder, kept out of the state dict -------------------------------------------------
     def __setattr__(self, name: str, value: object) -> None:
@@ -151,22 +218,53 @@ class Bagel(nn.Module):
 
     # --- embedding and forward ----------------------------------------------------------------------
     def embed_latents(
-        self, tokens: torch.Tensor, timesteps: torch.Tensor, position_ids: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        timesteps: torch.Tensor,
+        position_ids: torch.Tensor,
+        text_scales: torch.Tensor | None = None,
+        img_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`vae2llm(x_t) + time_embed(t) + latent_pos_embed(pos)` for [N, D] tokens with per-token t [N]."""
-        return (
+        """`vae2llm(x_t) + time_embed(t) + latent_pos_embed(pos)` for [N, D] tokens with per-token t [N].
+
+        A guidance-distilled model adds `text_guidance_embedder(s_text) + img_guidance_embedder(s_img)`
+        when per-token scales [N] are given (both or neither); without them (e.g. clean context latents)
+        it embeds exactly as its teacher does.
+        """
+        embeds = (
             self.vae2llm(tokens.to(self.dtype))
             + self.time_embedder(timesteps)
             + self.latent_pos_embed(position_ids)
         )
+        if text_scales is None and img_scales is None:
+            return embeds
+        if text_scales is None or img_scales is None:
+            raise ValueError("give both text_scales and img_scales (one per latent token) or neither")
+        if not self.has_guidance_embedders:
+            raise ValueError(
+                "guidance scales were given but this Bagel has no guidance embedders "
+                "(config.guidance_embedders is False); call add_guidance_embedders() or sample with CFG"
+            )
+        for name, scales in (("text_scales", text_scales), ("img_scales", img_scales)):
+            if tuple(scales.shape) != (tokens.shape[0],):
+                raise ValueError(
+                    f"{name} must hold one scale per latent token, shape ({tokens.shape[0]},), "
+                    f"got {tuple(scales.shape)}"
+                )
+        text = self.text_guidance_embedder(text_scales.to(self.device, torch.float32))
+        img = self.img_guidance_embedder(img_scales.to(self.device, torch.float32))
+        return embeds + text + img
 
     def embed_packed(
         self,
         packed: PackedSequence,
         vae_tokens: torch.Tensor | None = None,
         vae_timesteps: torch.Tensor | None = None,
+        text_scales: torch.Tensor | None = None,
+        img_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[rows, seq, hidden] input embeddings: text tokens, ViT features, latent tokens at their indexes."""
+        """[rows, seq, hidden] input embeddings: text tokens, ViT features, latent tokens at their indexes
+        (guidance scales, when given, per VAE token as in `embed_latents`)."""
         rows, seq = packed.shape
         embeds = self.language_model.model.embed_tokens(packed.input_ids).reshape(rows * seq, -1)
         if packed.vit_images:
@@ -178,7 +276,9 @@ class Bagel(nn.Module):
         if packed.vae_images:
             if vae_tokens is None or vae_timesteps is None:
                 raise ValueError("a pack with VAE images needs vae_tokens and vae_timesteps")
-            latent = self.embed_latents(vae_tokens, vae_timesteps, packed.vae_position_ids)
+            latent = self.embed_latents(
+                vae_tokens, vae_timesteps, packed.vae_position_ids, text_scales, img_scales
+            )
             embeds = embeds.index_copy(0, packed.vae_index, latent.to(embeds.dtype))
         return embeds.reshape(rows, seq, -1)
 
@@ -189,11 +289,18 @@ class Bagel(nn.Module):
         vae_timesteps: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        text_scales: torch.Tensor | None = None,
+        img_scales: torch.Tensor | None = None,
     ) -> PackedOutput:
-        """Run a pack through the model; with a cache its tokens are written past the context, uncommitted."""
+        """Run a pack through the model; with a cache its tokens are written past the context, uncommitted.
+
+        `text_scales` / `img_scales`: per-VAE-token guidance scales of a guidance-distilled model.
+        With gradients enabled, the cache is queried through `DifferentiableQuery` so that back-propagation
+        through a cached context works.
+        """
         if packed.input_ids.device != self.device:
             packed = packed.to(self.device)
-        embeds = self.embed_packed(packed, vae_tokens, vae_timesteps)
+        embeds = self.embed_packed(packed, vae_tokens, vae_timesteps, text_scales, img_scales)
         block_mask = packed.block_mask()
         if cache is None:
             mask = block_mask[:, None]
@@ -202,6 +309,8 @@ class Bagel(nn.Module):
             mask = cache.attention_mask(
                 packed.shape[1], block_mask=block_mask, valid_new=packed.valid_lengths
             )
+            if torch.is_grad_enabled():
+                cache = DifferentiableQuery(cache)
         out = self.language_model.model(
             embeds,
             packed.position_ids,

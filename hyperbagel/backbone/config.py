@@ -59,6 +59,7 @@ class BagelConfig:
     vae_min_image_size: int = 512
     vit_max_image_size: int = 980
     vit_min_image_size: int = 224
+    guidance_embedders: bool = False  # CFG-distilled model: text / image guidance-scale embedders
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -1,0 +1,1 @@
+"""Distillation of BAGEL's image generation: shared generation weights, batches, and the stages' math."""
