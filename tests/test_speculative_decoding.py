@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.config import SpecialTokenIds, tiny_config
@@ -20,7 +21,6 @@ from hyperbagel.speculative.decoding import (
     SpeculativeSession,
     accept_chain_sampled,
     speculative_generate,
-    warped_probs,
 )
 from hyperbagel.speculative.draft_head import DraftHead, DraftHeadConfig
 from hyperbagel.speculative.tree import DraftTree, draft_tree, greedy_path, sample_path, select_tree
@@ -256,8 +256,26 @@ def test_tree_verification_equals_decoding_each_path_alone(tiny_bagel):
             torch.testing.assert_close(tree_hidden[node], hidden, rtol=0.0, atol=1e-5)
 
 
+class Recorder(nn.Module):
+    """Passes a draft head through, keeping the logits of every forward."""
+
+    def __init__(self, head: DraftHead) -> None:
+        super().__init__()
+        self.head = head
+        self.logits: list[torch.Tensor] = []
+
+    def forward(self, *args):
+        logits, hidden = self.head(*args)
+        self.logits.append(logits[0])
+        return logits, hidden
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return self.head.to_target_ids(draft_ids)
+
+
 def _naive_tree(head, cache, root_token, root_logits, root_hidden, root_position, depth, top_k, nodes):
-    """EAGLE-2's expansion with every node's draft distribution recomputed as a chain from scratch."""
+    """EAGLE-2's expansion with every node's draft distribution recomputed as a chain from scratch;
+    also returns the draft logits of each expanded depth ([top_k, Vd] per depth below the root)."""
 
     def chain_logits(path: list[int]) -> torch.Tensor:
         logits, hidden, scratch = root_logits, root_hidden, cache.clone()
@@ -268,20 +286,23 @@ def _naive_tree(head, cache, root_token, root_logits, root_hidden, root_position
             logits = out[0, -1]
         return logits
 
-    tokens, parents, depths, scores = [], [], [], []
+    tokens, parents, depths, scores, expanded = [], [], [], [], []
     frontier = [(-1, [], 0.0)]  # (candidate index, token path, cumulative log-prob)
     for level in range(1, depth + 1):
-        children = []
+        children, level_logits = [], []
         for index, path, score in frontier:
-            values, ids = chain_logits(path).log_softmax(-1).topk(top_k)
+            level_logits.append(chain_logits(path))
+            values, ids = level_logits[-1].log_softmax(-1).topk(top_k)
             for value, token in zip(values.tolist(), ids.tolist()):
                 children.append((len(tokens), path + [token], score + value))
                 tokens.append(token)
                 parents.append(index)
                 depths.append(level)
                 scores.append(score + value)
+        if level > 1:
+            expanded.append(torch.stack(level_logits))
         frontier = sorted(children, key=lambda child: -child[2])[:top_k]
-    return select_tree(
+    tree = select_tree(
         root_token,
         torch.tensor(tokens),
         torch.tensor(parents),
@@ -289,10 +310,12 @@ def _naive_tree(head, cache, root_token, root_logits, root_hidden, root_position
         torch.tensor(scores),
         nodes,
     )
+    return tree, expanded
 
 
 @pytest.mark.parametrize("aggregation", ["meta_query", "eagle3"])
 def test_draft_tree_reuses_the_cache_exactly(tiny_bagel, aggregation):
+    """Each depth's draft outputs equal those of the node's path drafted alone as a chain."""
     head = _head(tiny_bagel, aggregation=aggregation, num_layers=2, zero_init=False)
     session = SpeculativeSession.start(tiny_bagel, head, TEXT, TREE)
     cache = session.draft_cache
@@ -300,11 +323,15 @@ def test_draft_tree_reuses_the_cache_exactly(tiny_bagel, aggregation):
     before = cache.keys[:, :, :, : lengths[0]].clone()
     position = session.target_cache.rope_cursor[0] - 1
     args = (session.pending, session.root_logits, session.root_hidden, position, 4, 3, 20)
+    recorder = Recorder(head)
     with torch.no_grad():
-        tree = draft_tree(head, cache, *args)
-        reference = _naive_tree(head, cache, *args)
+        tree = draft_tree(recorder, cache, *args)
+        reference, expanded = _naive_tree(head, cache, *args)
     assert cache.lengths == lengths and cache.rope_cursor == cursor
     assert torch.equal(cache.keys[:, :, :, : lengths[0]], before)
+    assert len(recorder.logits) == len(expanded) == 3
+    for got, want in zip(recorder.logits, expanded):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=1e-5)
     for name in ("tokens", "parents", "depths", "ancestors"):
         assert torch.equal(getattr(tree, name), getattr(reference, name)), name
     assert tree.size == 21
@@ -313,10 +340,12 @@ def test_draft_tree_reuses_the_cache_exactly(tiny_bagel, aggregation):
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
 def test_caches_after_rollback_match_plain_decoding(tiny_bagel, config):
     """A drafter right about 2 in 3 tokens (partial acceptances, non-contiguous tree paths) over a real
-    head's caches: the target's cache ends as generate_text leaves it, and the draft's caches hold exactly
-    the entries a fresh draft pass over the committed sequence computes."""
+    head's caches, after a context with an image: the target's cache ends as generate_text leaves it,
+    and the draft's caches hold exactly the entries of one draft pass over the committed sequence
+    (under the pack's block mask, as in training)."""
     max_new = 17
-    answer, plain_cache, cursor = _reference(tiny_bagel, TEXT, max_new)
+    context = [VitImage(vit_input(_picture("blue"), tiny_bagel.config)), *TEXT]
+    answer, plain_cache, cursor = _reference(tiny_bagel, context, max_new)
     specials = tiny_bagel.config.special_tokens
     sequence = [specials.im_start, *answer, specials.im_end]
     hits = [k % 3 != 2 for k in range(len(sequence))]
@@ -324,9 +353,9 @@ def test_caches_after_rollback_match_plain_decoding(tiny_bagel, config):
     vocab = tiny_bagel.config.llm.vocab_size
     draft = ScriptedDraft(tiny_bagel, _script(vocab, cursor, sequence, hits), head)
     with torch.no_grad():
-        session = SpeculativeSession.start(tiny_bagel, draft, TEXT, config)
+        session = SpeculativeSession.start(tiny_bagel, draft, context, config)
         got, stats = session.decode(max_new)
-    assert got == answer and 1.0 < stats.acceptance_length < (CHAIN.num_steps + 1)
+    assert got == answer and 1.0 < stats.acceptance_length < 4.0
     cache = session.target_cache
     assert cache.lengths == plain_cache.lengths and cache.rope_cursor == plain_cache.rope_cursor
     end = cache.lengths[0]
@@ -334,20 +363,20 @@ def test_caches_after_rollback_match_plain_decoding(tiny_bagel, config):
         torch.testing.assert_close(
             getattr(cache, name)[..., :end, :], getattr(plain_cache, name)[..., :end, :], rtol=0, atol=1e-5
         )
-    # reference draft entries: the target over context + answer in one pack, fused, each position paired
-    # with the next token
     drafted = session.draft_cache.lengths[0]
-    assert end - (CHAIN.num_steps + 1) <= drafted <= end
+    assert end - 4 <= drafted <= end
     for draft_cache in (session.draft_cache, session.fusion_cache):
         assert draft_cache.lengths == [drafted]
         assert draft_cache.rope_cursor[0] - drafted == cache.rope_cursor[0] - end  # text: +1 per token
-    full = pack([[[*TEXT, TextBlock(answer)]]], tiny_bagel.config)
+    full = pack([[[*context, TextBlock(answer)]]], tiny_bagel.config)
+    window = slice(0, drafted)
     with torch.no_grad():
         states = tiny_bagel.forward_packed(full, output_hidden_states=True).hidden_states
-        fusion, reference = head.new_fusion_cache(64), head.new_cache(64)
-        positions = full.position_ids[:, :drafted]
-        features = head.fuse([s[:, :drafted] for s in states], positions, fusion)
-        head(features, full.input_ids[:, 1 : drafted + 1], positions, reference)
+        mask = full.block_mask()[:, None, window, window]
+        fusion, reference = head.new_fusion_cache(256), head.new_cache(256)
+        positions = full.position_ids[:, window]
+        features = head.fuse([s[:, window] for s in states], positions, fusion, mask)
+        head(features, full.input_ids[:, 1 : drafted + 1], positions, reference, mask)
     for got_cache, want in ((session.draft_cache, reference), (session.fusion_cache, fusion)):
         for name in ("keys", "values"):
             torch.testing.assert_close(
@@ -423,13 +452,19 @@ def small_vocab_bagel() -> Bagel:
     return model
 
 
+def _plain_sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """What generate_text samples from: transformers' temperature, then top-p warper, then softmax."""
+    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
+    return TopPLogitsWarper(top_p)(None, scores).softmax(dim=-1)
+
+
 def _exact_two_token_law(target: Bagel, temperature: float, top_p: float) -> dict:
     """P(answer) of plain sampling with at most two new tokens, from the target's distributions."""
     im_start, im_end = target.config.special_tokens.im_start, target.config.special_tokens.im_end
     law: dict = {}
     with torch.no_grad():
         cache = prefill(target, [[TextBlock([0, 1, 6])]])
-        first = warped_probs(
+        first = _plain_sampling_probs(
             target.language_model.lm_head(target.forward_tokens(torch.tensor([[im_start]]), cache).hidden[0]),
             temperature,
             top_p,
@@ -442,7 +477,7 @@ def _exact_two_token_law(target: Bagel, temperature: float, top_p: float) -> dic
                 continue
             step = cache.clone()
             hidden = target.forward_tokens(torch.tensor([[x]]), step).hidden[0]
-            second = warped_probs(target.language_model.lm_head(hidden), temperature, top_p)[0]
+            second = _plain_sampling_probs(target.language_model.lm_head(hidden), temperature, top_p)[0]
             for y in range(8):
                 if second[y] > 0:
                     outcome = (x,) if y == im_end else (x, y)
