@@ -187,6 +187,33 @@ def test_max_new_tokens_and_im_end_cut_the_answer_like_generate_text(tiny_bagel)
             assert got == [[]] and stats.new_tokens == 1 and stats.target_forwards == 1
 
 
+@pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
+def test_answer_ending_inside_a_round_leaves_generate_texts_cache(tiny_bagel, config):
+    """The target is nudged to say <|im_end|> where its 5th token was; the oracle drafts it as the first
+    token of round 2, so the tokens after it are drafted and committed too and must be rolled back."""
+    answer, _, cursor = _reference(tiny_bagel, TEXT, 8)
+    assert answer[4] not in answer[:4]
+    im_start, im_end = tiny_bagel.config.special_tokens.im_start, tiny_bagel.config.special_tokens.im_end
+    with torch.no_grad():
+        cache = prefill(tiny_bagel, [TEXT])
+        hidden = tiny_bagel.forward_tokens(torch.tensor([[im_start, *answer[:4]]]), cache).hidden[0, -1]
+        head = tiny_bagel.language_model.lm_head.weight
+        head[im_end] = head[answer[4]] + 0.01 * hidden / hidden.square().sum()
+    ended, plain_cache, _ = _reference(tiny_bagel, TEXT, 8)
+    assert ended == answer[:4]
+    sequence = [im_start, *ended, im_end]
+    vocab = tiny_bagel.config.llm.vocab_size
+    draft = ScriptedDraft(tiny_bagel, _script(vocab, cursor, sequence, [True] * len(sequence)))
+    with torch.no_grad():
+        session = SpeculativeSession.start(tiny_bagel, draft, TEXT, config)
+        got, stats = session.decode(8)
+    assert got == ended and stats.target_forwards == 2 and stats.new_tokens == 5
+    cache = session.target_cache
+    assert cache.lengths == plain_cache.lengths and cache.rope_cursor == plain_cache.rope_cursor
+    end = cache.lengths[0]
+    torch.testing.assert_close(cache.keys[..., :end, :], plain_cache.keys[..., :end, :], rtol=0, atol=1e-5)
+
+
 def _hand_tree() -> DraftTree:
     """Candidates (parents first):      root
                                          /    \\
