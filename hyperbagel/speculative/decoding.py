@@ -258,7 +258,8 @@ class SpeculativeSession:
     ) -> tuple[list[int], SpeculativeStats]:
         """The answer's ids (without the markers, at most max_new_tokens, stopping at `<|im_end|>`, as
         `generate_text` returns them) and the stats. Afterwards the target's cache holds what
-        generate_text's would: the context, `<|im_start|>` and every chosen token but the last."""
+        generate_text's would: the context, `<|im_start|>` and every chosen token but the last; the
+        draft's caches end at their last extension (the final round's positions are not added)."""
         if self.finished:
             raise RuntimeError("a session decodes one answer; clone() it before decoding to draw again")
         self.finished = True
