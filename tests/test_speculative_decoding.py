@@ -533,7 +533,7 @@ def test_sampled_answers_follow_plain_sampling(small_vocab_bagel, config):
         session = SpeculativeSession.start(target, draft, [TextBlock([0, 1, 6])], config)
         generator = torch.Generator().manual_seed(6)
         counts: dict = {}
-        draws = 1200
+        draws = 800
         forwards = 0
         for _ in range(draws):
             answer, stats = session.clone().decode(2, generator)
