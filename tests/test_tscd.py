@@ -1,8 +1,22 @@
-"""TSCD time geometry and targets: segment edges, Euler jumps, teacher + target-student targets, losses."""
+"""TSCD: segment edges, Euler jumps, teacher + target-student targets, losses; the stage and its CLI fit."""
+
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer, seed_everything
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from hyperbagel.backbone.autoencoder import BagelAutoencoder
+from hyperbagel.backbone.bagel import Bagel
+from hyperbagel.backbone.checkpoint import from_pretrained, save_pretrained
+from hyperbagel.callbacks.discriminator import AdversarialDiscriminator, TokenDiscriminator
+from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
+from hyperbagel.distillation.generation_weights import is_generation_key
 from hyperbagel.distillation.tscd import (
     LinearRamp,
     Segments,
@@ -10,6 +24,7 @@ from hyperbagel.distillation.tscd import (
     consistency_target,
     euler_jump,
 )
+from hyperbagel.lightning_modules.distill_tscd import DistillTSCDStage
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,3 +118,120 @@ def test_linear_ramp() -> None:
     assert [ramp(s) for s in (0, 1, 2, 4, 10)] == pytest.approx([1.0, 0.75, 0.5, 0.0, 0.0])
     assert LinearRamp(0.3)(100) == 0.3
     assert LinearRamp(0.3, end=1.0)(0) == 1.0
+
+
+# --- the stage -----------------------------------------------------------------------------------------
+@pytest.fixture
+def stage1_dir(tmp_path: Path, tiny_bagel, shapes_tokenizer) -> Path:
+    """A tiny stage-1 output: random weights with (zero-initialised) guidance embedders."""
+    folder = tmp_path / "distill_cfg"
+    save_pretrained(tiny_bagel.add_guidance_embedders(), folder, tokenizer=shapes_tokenizer)
+    return folder
+
+
+def _data() -> GenerationDataModule:
+    return GenerationDataModule("tiny", n_train=4, n_val=2, batch_size=2)
+
+
+def _trainer(tmp_path: Path, steps: int, callbacks: list) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+
+
+def test_tscd_stage_trains_only_the_generation_side(tmp_path: Path, stage1_dir: Path) -> None:
+    seed_everything(0)
+    stage = DistillTSCDStage(
+        model=str(stage1_dir),
+        teacher=str(stage1_dir),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        consistency_loss="huber",
+        consistency_weight=LinearRamp(1.0, 0.0, 4),
+    )
+    critic = AdversarialDiscriminator(
+        TokenDiscriminator(16, 1, 2), optimizer=partial(torch.optim.AdamW, lr=1e-3)
+    )
+    stage.configure_model()
+    before = {name: p.detach().clone() for name, p in stage.model.named_parameters()}
+    teacher = {name: p.detach().clone() for name, p in stage.teacher.named_parameters()}
+    trainer = _trainer(tmp_path, 2, [critic])
+    trainer.fit(stage, _data())
+    changed = {name for name, p in stage.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(is_generation_key(name) for name in changed)
+    assert "text_guidance_embedder.mlp.2.weight" in changed  # the embedders keep training
+    assert all(torch.equal(p, teacher[n]) for n, p in stage.teacher.named_parameters())
+    metrics = set(trainer.callback_metrics)
+    for term in ("adversarial", "consistency", "target_mse", "grad_norm"):
+        assert f"train/generator/{term}" in metrics
+    assert {"train/discriminator/loss", "train/discriminator/accuracy"} <= metrics
+
+
+def test_tscd_needs_a_loss_and_a_matching_teacher(
+    tmp_path: Path, stage1_dir: Path, tiny_bagel_config
+) -> None:
+    with pytest.raises(ValueError, match="TSCD needs a loss"):
+        _trainer(tmp_path, 1, []).fit(DistillTSCDStage(model=str(stage1_dir)), _data())
+    other = Bagel(tiny_bagel_config, BagelAutoencoder(tiny_bagel_config.vae)).add_guidance_embedders()
+    save_pretrained(other, tmp_path / "other")
+    stage = DistillTSCDStage(model=str(stage1_dir), teacher=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="does not share the model's frozen"):
+        stage.configure_model()
+
+
+def test_tscd_fits_through_the_cli_and_exports_a_loadable_student(tmp_path: Path, stage1_dir: Path) -> None:
+    config = tmp_path / "tscd.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+model:
+  class_path: hyperbagel.lightning_modules.distill_tscd.DistillTSCDStage
+  init_args:
+    {{model: {stage1_dir}, teacher: {stage1_dir}, target: ema, val_teacher_steps: 2, grid_examples: 2}}
+data:
+  class_path: hyperbagel.datamodules.generation_datamodule.GenerationDataModule
+  init_args: {{model_config: tiny, n_train: 4, n_val: 2, batch_size: 2}}
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  log_every_n_steps: 1
+  val_check_interval: 2
+  check_val_every_n_epoch: null
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {tmp_path / "logs"}, name: tscd}}
+  callbacks:
+    - class_path: hyperbagel.callbacks.ema.EMA
+      init_args: {{decay: 0.9}}
+    - class_path: hyperbagel.callbacks.discriminator.AdversarialDiscriminator
+      init_args:
+        discriminator:
+          class_path: hyperbagel.callbacks.discriminator.BagelDiscriminator
+          init_args: {{layers: [1, 2], head_hidden: 16}}
+    - class_path: hyperbagel.callbacks.export.BagelExport
+      init_args: {{dirpath: {tmp_path / "out"}, use_ema: true}}
+"""
+    )
+    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
+    result = subprocess.run(
+        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert from_pretrained(tmp_path / "out").has_guidance_embedders
+    events = next((tmp_path / "logs" / "tscd").rglob("events.out.tfevents.*"))
+    tags = EventAccumulator(str(events)).Reload().Tags()
+    assert {"train/generator/adversarial", "train/discriminator/accuracy", "val/sample_mse"} <= set(
+        tags["scalars"]
+    )
+    assert "samples/teacher_student" in tags["images"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ from torch import nn
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.embeddings import TimestepEmbedder
+from hyperbagel.backbone.inference import ImageContexts
+from hyperbagel.backbone.packing import VaeImage, pack
+from hyperbagel.distillation.generation_weights import GenerationWeights
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,73 @@ class TokenDiscriminator(Discriminator):
         for block, head in zip(self.blocks, self.heads):
             h = block(h)
             logits.append(head(h).squeeze(-1))
+        return logits
+
+
+class BagelDiscriminator(Discriminator):
+    """The paper's discriminator: a trainable copy of the model's generation side (initialised from the
+    model it is attached to, sharing its frozen understanding weights) reads the latent tokens in their
+    context, and one head per chosen layer turns that layer's latent-token features into per-token logits.
+
+    Args:
+        layers: hidden-state indexes the heads read (i = input of decoder layer i, num_layers = the last
+            layer's output); default four evenly spaced ones ending at the last.
+        head_hidden: width of each head's MLP.
+
+    The condition is the stage's `ImageContexts` (its conditional rows are queried). The forward runs
+    without activation checkpointing: its backward happens outside the weights' `applied` context.
+    """
+
+    def __init__(self, layers: Sequence[int] | None = None, head_hidden: int = 256) -> None:
+        super().__init__()
+        self.requested_layers = list(layers) if layers is not None else None
+        self.head_hidden = head_hidden
+        self.layers: list[int] = []
+        self.backbone: GenerationWeights | None = None
+        self.heads = nn.ModuleList()
+        self._model: tuple[Bagel, ...] = ()  # the shared model, not a submodule (not in state_dict)
+
+    def attach(self, model: Bagel) -> None:
+        if self.backbone is not None:
+            return
+        num_layers = model.config.llm.num_hidden_layers
+        layers = self.requested_layers or sorted({max(1, num_layers * k // 4) for k in (1, 2, 3, 4)})
+        bad = [layer for layer in layers if not 0 <= layer <= num_layers]
+        if bad:
+            raise ValueError(f"discriminator layers {bad} are outside 0..{num_layers} of this model")
+        self.layers = layers
+        self.backbone = GenerationWeights.from_model(model, trainable=True)
+        self.heads = nn.ModuleList(_head(model.config.hidden_size, self.head_hidden) for _ in layers)
+        self._model = (model,)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Any = None) -> list[torch.Tensor]:
+        if self.backbone is None:
+            raise RuntimeError("BagelDiscriminator.attach(model) must run before it scores anything")
+        if not isinstance(condition, ImageContexts):
+            raise TypeError(
+                f"BagelDiscriminator needs the batch's ImageContexts, got {type(condition).__name__}"
+            )
+        model, (rows, tokens, _) = self._model[0], x.shape
+        cache = condition.cache if rows == condition.cache.batch_size else condition.cache.narrow(0, rows)
+        h, w = condition.grid
+        patch = model.config.latent_patch_size
+        query = VaeImage(latents=torch.zeros(1, h * patch, w * patch), noisy=True)
+        packed = pack([[[query]]] * rows, model.config, rope_start=cache.rope_cursor[:rows])
+        time = torch.as_tensor(t, dtype=torch.float32, device=model.device).reshape(-1)
+        time = (time.expand(rows) if time.numel() == 1 else time).repeat_interleave(tokens)
+        decoder = model.language_model.model
+        checkpointing, decoder.gradient_checkpointing = decoder.gradient_checkpointing, False
+        try:
+            with self.backbone.applied(model):
+                out = model.forward_packed(
+                    packed, x.reshape(rows * tokens, -1), time, cache=cache, output_hidden_states=True
+                )
+        finally:
+            decoder.gradient_checkpointing = checkpointing
+        logits = []
+        for layer, head in zip(self.layers, self.heads):
+            features = model.gather(out.hidden_states[layer], packed.vae_index).reshape(rows, tokens, -1)
+            logits.append(head(features.to(head[0].weight.dtype)).squeeze(-1))
         return logits
 
 

@@ -17,6 +17,10 @@ this base does them once for every such stage:
   resumed from a checkpoint draws exactly what an uninterrupted one draws.
 Optimizers and schedulers are Lightning's, so they are in the checkpoint; callbacks (EMA, discriminator)
 store their own state there.
+
+`GenerationDistillStage` adds what the trajectory-distillation stages (TSCD, DMDO) share: a frozen
+teacher copy of the generation side, contexts prefilled once per batch, per-sample guidance, and a
+validation that compares the student's few-step samples with the teacher's from the same noise.
 """
 
 from __future__ import annotations
@@ -30,9 +34,22 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torchvision.utils import make_grid
 
+from hyperbagel.backbone.flow import CFGConfig, sampling_schedule
+from hyperbagel.backbone.inference import (
+    ImageContexts,
+    build_image_contexts,
+    default_edit_cfg,
+    default_t2i_cfg,
+    initial_noise,
+    sample_latent_tokens,
+)
+from hyperbagel.distillation.batches import GenerationBatch
+from hyperbagel.distillation.generation_weights import GENERATION_PATTERNS, GenerationWeights
 from hyperbagel.lightning_modules.base import BagelStage
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -80,8 +97,11 @@ class ManualStage(BagelStage):
         **kwargs: everything `BagelStage` takes; `optimizer` / `lr_scheduler` build the generator's.
 
     `trainable_named_parameters` is restricted to the backbone (`model.*`): EMA and exports follow the
-    generator, never side models held by the stage (teacher, fake score).
+    generator, never side models held by the stage (teacher, fake score). Side modules named in
+    `unsaved_modules` (frozen copies rebuilt from their source at every start) stay out of checkpoints.
     """
+
+    unsaved_modules: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -244,6 +264,24 @@ class ManualStage(BagelStage):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
         self._grad_norm = norm.detach().float()
 
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def _unsaved(self, key: str) -> bool:
+        return any(key.startswith(f"{name}.") for name in self.unsaved_modules)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if self._unsaved(k)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill the unsaved modules' keys with their current (freshly loaded) tensors for strict loading."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.setdefault("state_dict", {})
+        for key, tensor in self.state_dict().items():
+            if self._unsaved(key):
+                state.setdefault(key, tensor)
+
     # --- faults ----------------------------------------------------------------------------------------
     def _nonfinite(self, name: str, bad: list[str], losses: dict[str, torch.Tensor]) -> None:
         values = {term: float(losses[term].detach().float().mean()) for term in bad}
@@ -263,3 +301,135 @@ class ManualStage(BagelStage):
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row, the last {where}; {resume}."
             )
+
+
+class GenerationDistillStage(ManualStage):
+    """Base of the trajectory stages (TSCD, DMDO): a student that samples in a few one-pass steps, a frozen
+    teacher held as a `GenerationWeights` copy swapped into the student (one copy of the understanding
+    weights), the batch's contexts prefilled once under the teacher and queried by every model, and one
+    CFG setting per sample (text-to-image or edit).
+
+    Args:
+        teacher: folder of the teacher's weights (its generation side is used; it must share the
+            student's frozen weights, mismatched generation keys are refused with the keys listed);
+            default a copy of the student's initial generation side.
+        t2i_cfg / edit_cfg: guidance of text-to-image / edit samples, for every model (a guidance-distilled
+            model embeds the scales; a CFG teacher runs the passes).
+        sample_steps / sample_shift: the student's sampling grid, `sampling_schedule(steps + 1, shift)`.
+        val_teacher_steps: the teacher's steps for the validation reference sample.
+        val_seed: validation noise.
+        grid_examples: teacher-vs-student samples (same noise) logged to TensorBoard per validation.
+        **kwargs: `ManualStage` arguments; `trainable` defaults to the generation side.
+    """
+
+    unsaved_modules = ("teacher",)
+
+    def __init__(
+        self,
+        teacher: str | None = None,
+        t2i_cfg: CFGConfig | None = None,
+        edit_cfg: CFGConfig | None = None,
+        sample_steps: int = 6,
+        sample_shift: float = 3.0,
+        val_teacher_steps: int = 25,
+        val_seed: int = 0,
+        grid_examples: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("trainable", list(GENERATION_PATTERNS))
+        super().__init__(**kwargs)
+        if sample_steps < 1 or val_teacher_steps < 1:
+            raise ValueError(
+                f"sample_steps and val_teacher_steps must be >= 1, got {sample_steps}, {val_teacher_steps}"
+            )
+        self.teacher_source = teacher
+        self.cfgs = {"t2i": t2i_cfg or default_t2i_cfg(), "edit": edit_cfg or default_edit_cfg()}
+        self.sample_steps = sample_steps
+        self.sample_shift = sample_shift
+        self.val_teacher_steps = val_teacher_steps
+        self.val_seed = val_seed
+        self.grid_examples = grid_examples
+        self.teacher: GenerationWeights | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.teacher_source is None:
+            self.teacher = GenerationWeights.from_model(self.model)
+        else:
+            self.teacher = GenerationWeights.load(self.teacher_source, self.model, check_shared=True)
+
+    def batch_size_of(self, batch: GenerationBatch) -> int:
+        return len(batch)
+
+    # --- shared pieces of a step -----------------------------------------------------------------------
+    def guidance(self, batch: GenerationBatch) -> list[CFGConfig]:
+        return [self.cfgs[kind] for kind in batch.kinds]
+
+    def sampling_timesteps(self, steps: int | None = None) -> torch.Tensor:
+        return sampling_schedule((steps or self.sample_steps) + 1, self.sample_shift, device=self.device)
+
+    @torch.no_grad()
+    def prefill(self, batch: GenerationBatch) -> ImageContexts:
+        """The batch's contexts prefilled under the teacher's weights; the unconditional ones only when
+        some model of the stage samples with CFG (has no guidance embedders)."""
+        with self.teacher.applied(self.model) as model:
+            if self.needs_cfg_contexts():
+                return batch.contexts(model)
+            return build_image_contexts(model, batch.conditional, None, None, batch.grid)
+
+    def needs_cfg_contexts(self) -> bool:
+        return not (self.model.has_guidance_embedders and self.teacher.has_guidance_embedders)
+
+    def velocity(
+        self,
+        contexts: ImageContexts,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        guidance: list[CFGConfig],
+        weights: GenerationWeights | None = None,
+    ) -> torch.Tensor:
+        """Guided velocity of the student, or of the model holding `weights` (teacher, fake score)."""
+        if weights is None:
+            return contexts.velocity(x, t, guidance)
+        with weights.applied(self.model):
+            return contexts.velocity(x, t, guidance)
+
+    # --- validation: the student's few-step sample against the teacher's from the same noise -----------
+    @torch.no_grad()
+    def sample_pair(self, batch: GenerationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher, student) clean tokens [B, N, D] from the same seeded noise."""
+        contexts, guidance = self.prefill(batch), self.guidance(batch)
+        noise = initial_noise(self.model, len(batch), batch.grid, self.val_seed)
+        student = sample_latent_tokens(contexts, noise, self.sampling_timesteps(), guidance)
+        with self.teacher.applied(self.model):
+            teacher_steps = self.sampling_timesteps(self.val_teacher_steps)
+            teacher = sample_latent_tokens(contexts, noise, teacher_steps, guidance)
+        return teacher, student
+
+    def compute_losses(self, batch: GenerationBatch, stage: str) -> dict[str, torch.Tensor]:
+        teacher, student = self.sample_pair(batch)
+        self._val_pair = (teacher, student)
+        mse = (student.float() - teacher.float()).pow(2).mean()
+        return {"loss": mse, "sample_mse": mse}
+
+    def validation_step(self, batch: GenerationBatch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if batch_idx == 0 and self.grid_examples > 0 and not self.trainer.sanity_checking:
+            self.log_teacher_student_grid(batch, *self._val_pair)
+
+    def log_teacher_student_grid(
+        self, batch: GenerationBatch, teacher: torch.Tensor, student: torch.Tensor
+    ) -> None:
+        """TensorBoard `samples/teacher_student`: rows of [target |] teacher | student, same noise."""
+        writer = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if writer is None or not self.trainer.is_global_zero:
+            return
+        count = min(self.grid_examples, len(batch))
+        images = [self.model.decode_tokens(tokens[:count], batch.grid) for tokens in (teacher, student)]
+        if batch.target_images is not None:
+            images.insert(0, batch.target_images[:count].to(images[0].device, images[0].dtype))
+        tiles = torch.stack(images, dim=1).flatten(0, 1).float().clamp(-1, 1) * 0.5 + 0.5
+        grid = make_grid(tiles.cpu(), nrow=len(images), padding=2)
+        writer.add_image("samples/teacher_student", grid, self.global_step)

@@ -1,0 +1,139 @@
+"""Stage 2, TSCD: trajectory segmented consistency distillation with an adversarial loss.
+
+The time axis is cut into segments (3 in Hyper-Bagel). Per batch a segment and a time t in it are drawn,
+the clean target is noised to x_t, and the student jumps from x_t to the segment's lower edge in one Euler
+step. The target of that jump is the teacher's trajectory from x_t (a few teacher Euler steps) completed
+to the edge by a frozen student jump (the current student without gradients, or its EMA). The paper
+trains the jump with a pure adversarial loss (the `AdversarialDiscriminator` callback sees real = target
+and fake = jump at the edge time, in the sample's context); an MSE or Huber consistency term with its own
+weight schedule is available for the ablation (Hyper-SD style). Only the generation side trains.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+
+from hyperbagel.backbone.flow import add_noise
+from hyperbagel.callbacks.discriminator import AdversarialDiscriminator
+from hyperbagel.callbacks.ema import require_ema
+from hyperbagel.distillation.batches import GenerationBatch
+from hyperbagel.distillation.tscd import (
+    CONSISTENCY_LOSSES,
+    LinearRamp,
+    Segments,
+    consistency_loss,
+    consistency_target,
+    euler_jump,
+)
+from hyperbagel.lightning_modules.manual import GenerationDistillStage
+
+TARGETS = ("student", "ema")
+
+
+def find_discriminator(trainer: Trainer) -> AdversarialDiscriminator | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialDiscriminator)), None)
+
+
+class DistillTSCDStage(GenerationDistillStage):
+    """Hyper-Bagel stage 2 (TSCD).
+
+    Args:
+        segments: descending segment edges from 1.0 to 0.0; default 3 equal segments of the student's
+            shifted sampling grid (`Segments.uniform(3, sample_shift)`: 1, 6/7, 3/5, 0 at shift 3).
+        teacher_span: the teacher integrates this fraction of the remaining segment, from t toward the
+            lower edge (1.0: the whole way, no target-student jump).
+        teacher_steps: Euler steps of the teacher over that span.
+        target: "student" (the current student without gradients) or "ema" (the EMA callback's average)
+            completes the target to the edge.
+        adversarial_weight: weight schedule of the adversarial term (needs the discriminator callback).
+        consistency_loss: None (the paper), "mse" or "huber" on jump vs target.
+        consistency_weight: weight schedule of the consistency term.
+        huber_delta: Huber threshold.
+        **kwargs: `GenerationDistillStage` arguments (model, teacher, guidance, sampling grid, ...).
+    """
+
+    def __init__(
+        self,
+        segments: list[float] | None = None,
+        teacher_span: float = 0.5,
+        teacher_steps: int = 1,
+        target: str = "student",
+        adversarial_weight: LinearRamp | None = None,
+        consistency_loss: str | None = None,
+        consistency_weight: LinearRamp | None = None,
+        huber_delta: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < teacher_span <= 1.0:
+            raise ValueError(f"teacher_span is a fraction of the segment in (0, 1], got {teacher_span}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if consistency_loss is not None and consistency_loss not in CONSISTENCY_LOSSES:
+            raise ValueError(
+                f"consistency_loss must be None or one of {CONSISTENCY_LOSSES}, got {consistency_loss!r}"
+            )
+        self.segments = Segments(segments) if segments is not None else Segments.uniform(3, self.sample_shift)
+        self.teacher_span = teacher_span
+        self.teacher_steps = teacher_steps
+        self.target = target
+        self.adversarial_weight = adversarial_weight or LinearRamp(1.0)
+        self.consistency_kind = consistency_loss
+        self.consistency_weight = consistency_weight or LinearRamp(1.0 if consistency_loss else 0.0)
+        self.huber_delta = huber_delta
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and find_discriminator(self.trainer) is None and self.consistency_kind is None:
+            raise ValueError(
+                "TSCD needs a loss: add the hyperbagel.callbacks.discriminator.AdversarialDiscriminator "
+                "callback (the paper's adversarial loss) or set consistency_loss to 'mse' or 'huber'"
+            )
+        if stage == "fit" and self.target == "ema":
+            require_ema(self.trainer, f"{type(self).__name__} with target='ema'; it")
+
+    def target_weights(self) -> AbstractContextManager[Any]:
+        """The weights that complete the target: the EMA average swapped in, or the student as it is."""
+        if self.target == "ema":
+            return require_ema(self.trainer, type(self).__name__).swapped_in(self)
+        return nullcontext()
+
+    def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
+        clean = batch.clean_tokens(self.model)
+        guidance, contexts = self.guidance(batch), self.prefill(batch)
+        t, index = self.segments.sample(self.batch_generator)
+        lower, upper = self.segments.bounds(index)
+        x_t = add_noise(clean, self.randn(clean.shape, like=clean), t)
+        time, edge = torch.tensor(t), torch.tensor(lower)
+
+        with torch.no_grad(), self.target_weights():
+            target = consistency_target(
+                lambda x, s: self.velocity(contexts, x, s, guidance, self.teacher),
+                lambda x, s: self.velocity(contexts, x, s, guidance),
+                x_t,
+                t,
+                lower,
+                teacher_span=self.teacher_span * (t - lower),
+                teacher_steps=self.teacher_steps,
+            )
+        jump = euler_jump(x_t, self.velocity(contexts, x_t, time, guidance), t, lower)
+
+        step = self.global_step
+        losses: dict[str, torch.Tensor] = {}
+        total = jump.new_zeros((), dtype=torch.float32)
+        critic = find_discriminator(self.trainer)
+        if critic is not None:
+            losses["adversarial"] = critic.generator_loss(jump, edge, contexts)
+            total = total + self.adversarial_weight(step) * losses["adversarial"]
+        if self.consistency_kind is not None:
+            losses["consistency"] = consistency_loss(jump, target, self.consistency_kind, self.huber_delta)
+            total = total + self.consistency_weight(step) * losses["consistency"]
+        losses["target_mse"] = F.mse_loss(jump.detach().float(), target.float())
+        losses["segment"] = torch.tensor(float(index))
+        self.update("generator", {"loss": total, **losses})
+        if critic is not None:
+            critic.update(self, real=target, fake=jump, t=edge, condition=contexts)
