@@ -327,10 +327,11 @@ def sample_latent_tokens(
     contexts: ImageContexts,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    cfg: CFGConfig,
+    cfg: Guidance,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Euler-integrate from `noise` [B, N, D] along `timesteps` (1 -> 0) with guidance; returns x0 tokens."""
+    """Euler-integrate from `noise` [B, N, D] along `timesteps` (1 -> 0) with guidance (one setting, or one
+    per sample); returns x0 tokens."""
     return euler_sample(lambda x, t, i: contexts.velocity(x, t, cfg), noise, timesteps, callback)
 
 
