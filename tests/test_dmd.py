@@ -1,11 +1,22 @@
-"""DMD gradient on Gaussians whose scores are known in closed form; stored-trajectory reuse."""
+"""DMD gradient on Gaussians with closed-form scores; stored-trajectory reuse; the DMDO stage and CLI fit."""
+
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from hyperbagel.backbone.checkpoint import from_pretrained, save_pretrained
 from hyperbagel.backbone.flow import add_noise, predict_x0, sampling_schedule
+from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
 from hyperbagel.distillation.dmd import dmd_gradient, dmd_loss, fake_score_loss, rerun_step, roll_trajectory
+from hyperbagel.lightning_modules.distill_dmdo import DistillDMDOStage
 
 
 def gaussian_velocity(mean: torch.Tensor | float, std: float):
@@ -122,3 +133,113 @@ def test_sde_trajectory_renoises_every_step_with_fresh_noise() -> None:
     assert torch.equal(trajectory.sample, trajectory.x0[-1])  # t = 0: the fresh noise has no weight
     with pytest.raises(ValueError, match="fresh_noise"):
         roll_trajectory(student, torch.randn(1, 3, 4), timesteps, mode="sde")
+
+
+# --- the stage -----------------------------------------------------------------------------------------
+@pytest.fixture
+def stage2_dir(tmp_path: Path, tiny_bagel, shapes_tokenizer) -> Path:
+    """A tiny guidance-distilled model standing in for the TSCD output (and its teacher)."""
+    folder = tmp_path / "distill_tscd"
+    save_pretrained(tiny_bagel.add_guidance_embedders(), folder, tokenizer=shapes_tokenizer)
+    return folder
+
+
+def _data() -> GenerationDataModule:
+    return GenerationDataModule("tiny", n_train=4, n_val=2, batch_size=2)
+
+
+class CountSteps(Callback):
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.counts = [0] * len(trainer.optimizers)
+        for i, optimizer in enumerate(trainer.optimizers):
+            optimizer.register_step_post_hook(lambda *_, i=i: self.counts.__setitem__(i, self.counts[i] + 1))
+
+
+def test_stored_step_of_the_student_reruns_exactly_in_the_stage(stage2_dir: Path) -> None:
+    stage = DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir))
+    stage.configure_model()
+    batch = next(b for b in _data().split("train") if b.kinds[0] == "edit")
+    contexts, guidance = stage.prefill(batch), stage.guidance(batch)
+    student = lambda x, t: stage.velocity(contexts, x, t, guidance)  # noqa: E731
+    noise = torch.randn(2, contexts.num_tokens, 16, generator=torch.Generator().manual_seed(0))
+    trajectory = roll_trajectory(student, noise, stage.sampling_timesteps())
+    assert trajectory.num_steps == 6
+    for index in (0, 3, 5):
+        again = rerun_step(student, trajectory, index)
+        assert again.requires_grad
+        assert torch.equal(again.detach(), trajectory.x0[index])
+
+
+def test_dmdo_updates_the_fake_score_every_step_and_the_generator_every_kth(
+    tmp_path: Path, stage2_dir
+) -> None:
+    seed_everything(0)
+    stage = DistillDMDOStage(
+        model=str(stage2_dir),
+        teacher=str(stage2_dir),
+        generator_every=2,
+        mode="sde",
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        fake_score_optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+    counter = CountSteps()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[counter, checkpoints],
+    )
+    stage.configure_model()
+    fake_before = {n: p.detach().clone() for n, p in stage.fake_score.named_parameters()}
+    assert all(torch.equal(p, dict(stage.teacher.named_parameters())[n]) for n, p in fake_before.items())
+    trainer.fit(stage, _data())
+    assert counter.counts == [2, 3]  # generator at steps 0 and 2; fake score at 0, 1, 2
+    assert trainer.global_step == 3
+    assert any(not torch.equal(p, fake_before[n]) for n, p in stage.fake_score.named_parameters())
+    state = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=False)["state_dict"]
+    assert any(k.startswith("fake_score.") for k in state) and any(k.startswith("model.") for k in state)
+    assert not any(k.startswith("teacher.") for k in state)  # reloaded from its folder on resume
+    assert {"train/generator/dmd", "train/fake_score/loss"} <= set(trainer.callback_metrics)
+
+
+def test_dmdo_fits_through_the_cli(tmp_path: Path, stage2_dir: Path) -> None:
+    config = tmp_path / "dmdo.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+model:
+  class_path: hyperbagel.lightning_modules.distill_dmdo.DistillDMDOStage
+  init_args:
+    {{model: {stage2_dir}, teacher: {stage2_dir}, generator_every: 1, val_teacher_steps: 2, grid_examples: 0}}
+data:
+  class_path: hyperbagel.datamodules.generation_datamodule.GenerationDataModule
+  init_args: {{model_config: tiny, n_train: 4, n_val: 2, batch_size: 2}}
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  val_check_interval: 2
+  check_val_every_n_epoch: null
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_checkpointing: false
+  logger: false
+  callbacks:
+    - class_path: hyperbagel.callbacks.export.BagelExport
+      init_args: {{dirpath: {tmp_path / "out"}}}
+"""
+    )
+    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
+    result = subprocess.run(
+        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert from_pretrained(tmp_path / "out").has_guidance_embedders

@@ -1,0 +1,149 @@
+"""Stage 3, DMDO: distribution matching distillation along the student's own ODE trajectory.
+
+Per batch the student's few-step Euler trajectory is rolled from noise x_T (no gradients) and kept. The
+fake-score model, a trainable `GenerationWeights` copy sharing the student's frozen understanding
+weights, regresses the velocity `x_T - x_0` at straight interpolations of x_T and the trajectory's end
+x_0 (every batch). Every `generator_every` steps the generator re-runs one stored step with gradients,
+interpolates its x0 prediction with the same x_T at a fresh time, and follows DMD2's normalised gradient
+between the fake and the real (teacher) x0 predictions there. With `mode="sde"` the trajectory, the fake
+model's interpolations and the generator's re-interpolation use fresh noise instead (standard DMD with
+re-noised steps; the paper's ablation). No extra regulariser, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from hyperbagel.backbone.flow import add_noise, predict_x0, sample_training_timesteps, shift_timesteps
+from hyperbagel.distillation.batches import GenerationBatch
+from hyperbagel.distillation.dmd import (
+    TRAJECTORY_MODES,
+    dmd_loss,
+    fake_score_loss,
+    rerun_step,
+    roll_trajectory,
+)
+from hyperbagel.distillation.generation_weights import GenerationWeights
+from hyperbagel.lightning_modules.base import default_optimizer
+from hyperbagel.lightning_modules.manual import GenerationDistillStage, OptimizerSpec
+
+FAKE_SCORE_INITS = ("teacher", "student")
+
+
+class DistillDMDOStage(GenerationDistillStage):
+    """Hyper-Bagel stage 3 (DMDO); the teacher is the "real" score.
+
+    Args:
+        mode: "ode" (DMDO: the same x_T everywhere) or "sde" (fresh noise per step and interpolation).
+        fake_score_init: "teacher" (DMD2's choice) or "student" generation weights start the fake model.
+        fake_score_optimizer / fake_score_lr_scheduler / fake_score_gradient_clip_val: its optimization.
+        generator_every: the generator updates on every this-many-th step, the fake model on every step
+            (DMD2's two time-scale rule uses 5).
+        fake_time_shift: shift of the logit-normal times of the fake model's regression.
+        dmd_time_range / dmd_time_shift: the generator's fresh time, uniform in the range, then shifted.
+        **kwargs: `GenerationDistillStage` arguments (model, teacher, guidance, sampling grid, ...).
+    """
+
+    def __init__(
+        self,
+        mode: str = "ode",
+        fake_score_init: str = "teacher",
+        fake_score_optimizer: OptimizerCallable = default_optimizer,
+        fake_score_lr_scheduler: LRSchedulerCallable | None = None,
+        fake_score_gradient_clip_val: float | None = None,
+        generator_every: int = 5,
+        fake_time_shift: float = 3.0,
+        dmd_time_range: tuple[float, float] = (0.02, 0.98),
+        dmd_time_shift: float = 3.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mode not in TRAJECTORY_MODES:
+            raise ValueError(f"mode must be one of {TRAJECTORY_MODES}, got {mode!r}")
+        if fake_score_init not in FAKE_SCORE_INITS:
+            raise ValueError(f"fake_score_init must be one of {FAKE_SCORE_INITS}, got {fake_score_init!r}")
+        if generator_every < 1:
+            raise ValueError(f"generator_every must be at least 1, got {generator_every}")
+        low, high = (float(v) for v in dmd_time_range)
+        if not 0.0 < low < high <= 1.0:
+            raise ValueError(f"dmd_time_range must satisfy 0 < low < high <= 1, got {dmd_time_range}")
+        self.mode = mode
+        self.fake_score_init = fake_score_init
+        self.fake_score_optimizer = fake_score_optimizer
+        self.fake_score_lr_scheduler = fake_score_lr_scheduler
+        self.fake_score_gradient_clip_val = fake_score_gradient_clip_val
+        self.generator_every = generator_every
+        self.fake_time_shift = fake_time_shift
+        self.dmd_time_range = (low, high)
+        self.dmd_time_shift = dmd_time_shift
+        self.fake_score: GenerationWeights | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.fake_score_init == "teacher":
+            tensors = {name: p.detach().clone() for name, p in self.teacher.named_parameters()}
+            self.fake_score = GenerationWeights(tensors, trainable=True)
+        else:
+            self.fake_score = GenerationWeights.from_model(self.model, trainable=True)
+
+    def optimizer_specs(self) -> list[OptimizerSpec]:
+        fake = OptimizerSpec(
+            "fake_score",
+            list(self.fake_score.parameters()),
+            self.fake_score_optimizer,
+            self.fake_score_lr_scheduler,
+            self.fake_score_gradient_clip_val,
+        )
+        return [*super().optimizer_specs(), fake]
+
+    def generator_turn(self) -> bool:
+        """Whether the generator updates in this step (every `generator_every`-th, from the first)."""
+        return self.global_step % self.generator_every == 0
+
+    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, like=x)
+
+    def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
+        guidance, contexts = self.guidance(batch), self.prefill(batch)
+        tokens = contexts.num_tokens
+        dim = self.model.config.latent_token_dim
+        noise = self.randn((len(batch), tokens, dim), like=self.model.vae2llm.weight)
+        trajectory = roll_trajectory(
+            lambda x, t: self.velocity(contexts, x, t, guidance),
+            noise,
+            self.sampling_timesteps(),
+            self.mode,
+            self.noise_like,
+        )
+
+        # the fake score learns the student's distribution on interpolations of its trajectory
+        sample = trajectory.sample
+        fake_times = sample_training_timesteps(len(batch), self.fake_time_shift, self.batch_generator)
+        fake_noise = noise if self.mode == "ode" else self.noise_like(sample)
+        x_fake = add_noise(sample, fake_noise, fake_times)
+        with self.fake_score.applied(self.model):  # its backward recomputes layers with these weights
+            v_fake = contexts.velocity(x_fake, fake_times.to(self.device), guidance)
+            self.update("fake_score", {"loss": fake_score_loss(v_fake, fake_noise, sample)})
+
+        if not self.generator_turn():
+            return
+        index = int(torch.randint(trajectory.num_steps, (), generator=self.batch_generator))
+        x0 = rerun_step(lambda x, t: self.velocity(contexts, x, t, guidance), trajectory, index)
+        low, high = self.dmd_time_range
+        times = shift_timesteps(low + (high - low) * self.rand((len(batch),)), self.dmd_time_shift)
+        x_t = add_noise(x0.detach(), noise if self.mode == "ode" else self.noise_like(x0), times)
+        with torch.no_grad():
+            x0_real = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, self.teacher), times)
+            x0_fake = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, self.fake_score), times)
+        loss = dmd_loss(x0, x0_real, x0_fake)
+        losses = {
+            "loss": loss,
+            "dmd": loss.detach(),
+            "fake_minus_real": (x0_fake - x0_real).float().abs().mean(),
+        }
+        self.update("generator", {**losses, "step_index": torch.tensor(float(index))})
