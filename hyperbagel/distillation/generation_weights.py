@@ -7,7 +7,8 @@ one `Bagel` holds the shared frozen part, and a `GenerationWeights` copy per ext
 for the forwards that model runs (`weights.applied(model)`, a `torch.func.functional_call`-style
 reparametrisation: the copy's own Parameters sit in the model, so gradients reach the copy). The copy's
 parameter names are the Bagel checkpoint keys, so its `state_dict` is a partial BAGEL checkpoint: the
-paper's deployment ships distilled generation weights beside the original ones (`save` / `load`).
+paper's deployment ships distilled generation weights beside the original ones (`save` / `load`,
+`DeployedInferencer`).
 
 Caveat: with activation checkpointing a backward recomputes layers with whatever weights the model holds
 at that time, so a trainable copy must be back-propagated inside its `applied` context.
@@ -19,14 +20,17 @@ import fnmatch
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import EMA_FILE
+from hyperbagel.backbone.inference import BagelInferencer, ImageContexts
 
 GUIDANCE_PATTERNS: tuple[str, ...] = ("text_guidance_embedder.*", "img_guidance_embedder.*")
 GENERATION_PATTERNS: tuple[str, ...] = (
@@ -60,18 +64,24 @@ def _listing(kind: str, items: list[str]) -> str:
 
 
 def check_generation_keys(
-    reference: Mapping[str, tuple[int, ...]], candidate: Mapping[str, tuple[int, ...]], what: str
+    reference: Mapping[str, tuple[int, ...]],
+    candidate: Mapping[str, tuple[int, ...]],
+    what: str,
+    candidate_adds_guidance: bool = False,
 ) -> None:
     """Refuse `candidate` generation weights that do not fit a model with `reference` ones.
 
     Every generation key but the guidance embedders must be present in both with one shape; guidance
-    embedders the candidate has must exist in the reference (a CFG teacher may lack them). The error lists
-    every offending key.
+    embedders the candidate has must exist in the reference (a CFG teacher may lack them), unless
+    `candidate_adds_guidance` (a distilled student compared with its CFG teacher). The error lists every
+    offending key.
     """
     ref = {k: tuple(s) for k, s in reference.items() if is_generation_key(k)}
     cand = {k: tuple(s) for k, s in candidate.items() if is_generation_key(k)}
     missing = sorted(k for k in set(ref) - set(cand) if not is_guidance_key(k))
-    unexpected = sorted(set(cand) - set(ref))
+    unexpected = sorted(
+        k for k in set(cand) - set(ref) if not (candidate_adds_guidance and is_guidance_key(k))
+    )
     mis_shaped = sorted(f"{k} ({cand[k]} vs {ref[k]})" for k in set(ref) & set(cand) if ref[k] != cand[k])
     problems = [
         _listing(kind, keys)
@@ -213,3 +223,23 @@ class GenerationWeights(nn.Module):
                 setattr(model, attr, module)
             for owner, leaf, original in reversed(swapped):
                 owner._parameters[leaf] = original
+
+
+class DeployedInferencer(BagelInferencer):
+    """The paper's deployment: the original model prefills every context (clean latents from the original
+    generation weights) and the distilled generation weights denoise, one pass per step.
+
+    `model` is the original (CFG) model; it receives zero-initialised guidance embedders, which stay unused
+    outside `weights.applied` (prefill embeds no scales), so its own outputs do not change.
+    """
+
+    def __init__(self, model: Bagel, tokenizer: Any, weights: GenerationWeights) -> None:
+        if weights.has_guidance_embedders:
+            model.add_guidance_embedders()
+        weights.check_fits(model)
+        super().__init__(model, tokenizer)
+        self.weights = weights.to(model.device)
+
+    def _sample(self, contexts: ImageContexts, *args: Any, **kwargs: Any) -> list[Image.Image]:
+        with self.weights.applied(self.model):
+            return super()._sample(contexts, *args, **kwargs)

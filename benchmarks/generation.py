@@ -1,0 +1,228 @@
+"""Teacher vs accelerated student: quality, model evaluations and wall-clock time of image generation.
+
+    python benchmarks/generation.py --teacher outputs/shapes/teacher --student outputs/shapes/distill_cfg \\
+        --student-steps 49 --out outputs/shapes/benchmarks/distill_cfg.json
+
+Both models run the shapes world's test split with the same prompts, edits and initial noise per sample
+(`--seed + i`, drawn in latent space), scored by `hyperbagel.evaluation.suite` (GenEval categories,
+editing instruction / preservation). The teacher samples as BAGEL does: `--teacher-timesteps` grid points
+(50 = 49 steps) with text CFG (and image CFG for edits); the student takes `--student-steps` steps on the
+same shifted grid and, when CFG-distilled, one pass per step with the same scales embedded. Any stage's
+output works: stage 1 at its own steps, stages 2 and 3 at 6. `--deployment` adds the paper's deployment
+(the teacher prefills the contexts, the student's generation weights denoise) as `student_deployed`.
+
+Speed: `seconds_per_image_*` is measured at batch 1 on `--n-timing` prompts / edits per task after one
+warm-up call, in this run, context prefill and VAE decoding included; `speedup_*` is teacher / student.
+JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`, `geneval` (per category
+and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
+`seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`; the samplers and settings used.
+A student whose generation keys do not match the teacher's is refused with the keys listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from hyperbagel.backbone.checkpoint import from_pretrained
+from hyperbagel.backbone.flow import RENORM_TYPES, CFGConfig, sampling_schedule
+from hyperbagel.backbone.inference import BagelInferencer, sampling_nfe
+from hyperbagel.datamodules.interleaved import load_tokenizer
+from hyperbagel.datamodules.shapes import T2I_CATEGORIES, EditSample, ShapesWorld, T2ISample
+from hyperbagel.distillation.generation_weights import (
+    DeployedInferencer,
+    GenerationWeights,
+    check_generation_keys,
+)
+from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, json_ready, save_grid
+
+GRID_COLUMNS = 6  # samples per row of the comparison grid
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--teacher", required=True, help="the CFG teacher's folder (BAGEL layout)")
+    parser.add_argument("--student", required=True, help="the accelerated model's folder (BAGEL layout)")
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
+    parser.add_argument(
+        "--student-steps", type=int, default=6, help="student sampling steps (model evaluations)"
+    )
+    parser.add_argument("--teacher-timesteps", type=int, default=50, help="teacher grid points (steps + 1)")
+    parser.add_argument("--shift", type=float, default=3.0, help="timestep shift of the teacher's grid")
+    parser.add_argument(
+        "--student-shift", type=float, default=3.0, help="timestep shift of the student's grid"
+    )
+    parser.add_argument("--text-scale", type=float, default=4.0)
+    parser.add_argument("--img-scale", type=float, default=2.0)
+    parser.add_argument("--t2i-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    parser.add_argument("--edit-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    parser.add_argument("--t2i-renorm", choices=RENORM_TYPES, default="global")
+    parser.add_argument("--edit-renorm", choices=RENORM_TYPES, default="text_channel")
+    parser.add_argument("--renorm-min", type=float, default=0.0)
+    parser.add_argument("--n-t2i", type=int, default=20, help="text-to-image prompts per GenEval category")
+    parser.add_argument("--n-edit", type=int, default=60, help="edits (cycling through the edit kinds)")
+    parser.add_argument("--n-timing", type=int, default=4, help="batch-1 timed images per task and model")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the quality runs")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of sample 0 (sample i uses seed + i)")
+    parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--canvas-size", type=int, default=64)
+    parser.add_argument("--tokenizer", help="'shapes' or a tokenizer folder (default: the teacher folder's)")
+    parser.add_argument("--deployment", action="store_true", help="also run the teacher-prefill deployment")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.student_steps < 1 or args.teacher_timesteps < 2:
+        parser.error("need --student-steps >= 1 and --teacher-timesteps >= 2")
+    if min(args.n_t2i, args.n_edit) < 1 or args.n_timing < 1:
+        parser.error("--n-t2i, --n-edit and --n-timing must be >= 1")
+    return args
+
+
+def cfgs(args: argparse.Namespace) -> tuple[CFGConfig, CFGConfig]:
+    """(text-to-image, editing) guidance, shared by teacher (CFG passes) and student (embedded scales)."""
+    common = {"text_scale": args.text_scale, "renorm_min": args.renorm_min}
+    t2i = CFGConfig(img_scale=1.0, interval=tuple(args.t2i_interval), renorm_type=args.t2i_renorm, **common)
+    edit = CFGConfig(
+        img_scale=args.img_scale, interval=tuple(args.edit_interval), renorm_type=args.edit_renorm, **common
+    )
+    return t2i, edit
+
+
+def per_image_seconds(run_one: Callable[[int], list[Image.Image]], count: int) -> float:
+    """Mean wall-clock seconds of `run_one(i)` (one image) over `count` calls after a warm-up call."""
+    run_one(0)
+    start = time.perf_counter()
+    for i in range(count):
+        run_one(i)
+    return (time.perf_counter() - start) / count
+
+
+def model_report(
+    inferencer: BagelInferencer,
+    num_timesteps: int,
+    shift: float,
+    args: argparse.Namespace,
+    t2i_samples: list[T2ISample],
+    edit_samples: list[EditSample],
+) -> tuple[dict[str, Any], list[Image.Image], list[Image.Image]]:
+    """The JSON entry of one model, and its text-to-image and edited images (canvas size, sample order)."""
+    t2i_cfg, edit_cfg = cfgs(args)
+    t2i_sampler = SamplerSettings(num_timesteps, shift, t2i_cfg)
+    edit_sampler = SamplerSettings(num_timesteps, shift, edit_cfg)
+    t2i = evaluate_t2i(inferencer, t2i_samples, t2i_sampler, args.batch_size, args.seed)
+    edit = evaluate_edit(inferencer, edit_samples, edit_sampler, args.batch_size, args.seed)
+    sampling = {"num_timesteps": num_timesteps, "timestep_shift": shift}
+    timing_t2i = per_image_seconds(
+        lambda i: inferencer.text_to_image(
+            t2i_samples[i % len(t2i_samples)].prompt, cfg=t2i_cfg, seed=args.seed + i, **sampling
+        ),
+        args.n_timing,
+    )
+    timing_edit = per_image_seconds(
+        lambda i: inferencer.edit(
+            edit_samples[i % len(edit_samples)].source_image,
+            edit_samples[i % len(edit_samples)].instruction,
+            cfg=edit_cfg,
+            seed=args.seed + i,
+            **sampling,
+        ),
+        args.n_timing,
+    )
+    grid = sampling_schedule(num_timesteps, shift)
+    report = {
+        "nfe_t2i": sampling_nfe(inferencer.model, grid, t2i_cfg),
+        "nfe_edit": sampling_nfe(inferencer.model, grid, edit_cfg),
+        "geneval": {key: t2i.scores[key] for key in ("overall", *T2I_CATEGORIES)},
+        "edit": {key: edit.scores[key] for key in ("overall", "instruction", "preservation")},
+        "seconds_per_image_t2i": timing_t2i,
+        "seconds_per_image_edit": timing_edit,
+        "edit_per_kind": edit.breakdown,
+        "sampler": {"t2i": t2i_sampler.to_dict(), "edit": edit_sampler.to_dict()},
+        "guidance_distilled": inferencer.model.has_guidance_embedders,
+    }
+    return report, t2i.outputs, edit.outputs
+
+
+def comparison_rows(
+    names: list[str],
+    t2i: dict[str, list[Image.Image]],
+    edits: dict[str, list[Image.Image]],
+    t2i_samples: list[T2ISample],
+    edit_samples: list[EditSample],
+) -> list[list[Image.Image]]:
+    """Exact renders, then each model's images of the same prompts; then edit sources, targets, models."""
+    k, e = min(GRID_COLUMNS, len(t2i_samples)), min(GRID_COLUMNS, len(edit_samples))
+    rows = [[s.image for s in t2i_samples[:k]]] + [t2i[name][:k] for name in names]
+    rows += [[s.source_image for s in edit_samples[:e]], [s.target_image for s in edit_samples[:e]]]
+    return rows + [edits[name][:e] for name in names]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, write --out and the comparison grid, print and return the summary."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
+    teacher = from_pretrained(args.teacher)
+    student = from_pretrained(args.student)
+    own = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
+    check_generation_keys(own, shapes, args.student, candidate_adds_guidance=True)
+    world = ShapesWorld(args.canvas_size, args.world_seed)
+    t2i_samples = [s for c in T2I_CATEGORIES for s in world.samples("t2i", "test", args.n_t2i, category=c)]
+    edit_samples = world.samples("edit", "test", args.n_edit)
+
+    models = {
+        "teacher": (BagelInferencer(teacher, tokenizer), args.teacher_timesteps, args.shift),
+        "student": (BagelInferencer(student, tokenizer), args.student_steps + 1, args.student_shift),
+    }
+    if args.deployment:
+        original = from_pretrained(args.teacher)  # a copy: it gains (unused) guidance embedders
+        if student.has_guidance_embedders:
+            original.add_guidance_embedders()
+        weights = GenerationWeights.load(args.student, original, check_shared=True)
+        deployed = DeployedInferencer(original, tokenizer, weights)
+        models["student_deployed"] = (deployed, args.student_steps + 1, args.student_shift)
+    summary: dict[str, Any] = {}
+    t2i_images, edit_images = {}, {}
+    for name, (inferencer, num_timesteps, shift) in models.items():
+        summary[name], t2i_images[name], edit_images[name] = model_report(
+            inferencer, num_timesteps, shift, args, t2i_samples, edit_samples
+        )
+    for task in ("t2i", "edit"):
+        key = f"seconds_per_image_{task}"
+        summary[f"speedup_{task}"] = summary["teacher"][key] / summary["student"][key]
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    grid_path = args.out.with_name(f"{args.out.stem}_samples.png")
+    rows = comparison_rows(list(models), t2i_images, edit_images, t2i_samples, edit_samples)
+    save_grid(rows, grid_path, args.canvas_size)
+    summary["settings"] = {
+        "teacher": str(args.teacher),
+        "student": str(args.student),
+        "counts": {"t2i": len(t2i_samples), "t2i_per_category": args.n_t2i, "edit": len(edit_samples)},
+        "n_timing": args.n_timing,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "world_seed": args.world_seed,
+        "canvas_size": args.canvas_size,
+        "threads": torch.get_num_threads(),
+        "samples_png": str(grid_path),
+    }
+    summary = json_ready(summary)
+    text = json.dumps(summary, indent=2)
+    args.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
