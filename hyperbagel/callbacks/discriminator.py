@@ -265,6 +265,17 @@ class AdversarialDiscriminator(Callback):
         if state_dict:
             self._pending = state_dict
 
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Average the discriminator's gradients over ranks: it lives outside the strategy's wrapper."""
+        if optimizer is not self.optimizer or trainer.world_size == 1:
+            return
+        for param in self.discriminator.parameters():
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(trainer.world_size)
+
     # --- what stages call ------------------------------------------------------------------------------
     def _require_built(self) -> None:
         if self.optimizer is None:

@@ -312,7 +312,7 @@ class GenerationDistillStage(ManualStage):
     Args:
         teacher: folder of the teacher's weights (its generation side is used; it must share the
             student's frozen weights, mismatched generation keys are refused with the keys listed);
-            default a copy of the student's initial generation side.
+            default (or `model` itself) a copy of the student's initial generation side.
         t2i_cfg / edit_cfg: guidance of text-to-image / edit samples, for every model (a guidance-distilled
             model embeds the scales; a CFG teacher runs the passes).
         sample_steps / sample_shift: the student's sampling grid, `sampling_schedule(steps + 1, shift)`.
@@ -355,8 +355,8 @@ class GenerationDistillStage(ManualStage):
         if self.model is not None:
             return
         super().configure_model()
-        if self.teacher_source is None:
-            self.teacher = GenerationWeights.from_model(self.model)
+        if self.teacher_source is None or self.teacher_source == self.model_source:
+            self.teacher = GenerationWeights.from_model(self.model)  # before a checkpoint is restored
         else:
             self.teacher = GenerationWeights.load(self.teacher_source, self.model, check_shared=True)
 
