@@ -19,8 +19,9 @@ from hyperbagel.backbone.config import tiny_config
 from hyperbagel.backbone.flow import euler_sample
 from hyperbagel.backbone.inference import build_image_contexts, edit_context_samples, t2i_context_samples
 from hyperbagel.backbone.packing import TextBlock, VaeImage
-from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
+from hyperbagel.datamodules.generation_datamodule import GenerationDataModule, ParquetGenerationDataModule
 from hyperbagel.datamodules.shapes import ShapesWorld
+from hyperbagel.datamodules.shapes_export import export_shapes_world
 from hyperbagel.distillation.batches import GenerationBatch, edit_item, t2i_item
 from hyperbagel.distillation.generation_weights import is_generation_key
 from hyperbagel.lightning_modules.distill_cfg import CFGDistillStage
@@ -79,6 +80,42 @@ def test_items_are_the_inferencers_contexts(data, shapes_tokenizer) -> None:
         GenerationBatch.collate([t2i, replace_grid(t2i, (4, 4))])
     with pytest.raises(ValueError, match="either every item"):
         GenerationBatch.collate([t2i, item])
+
+
+def test_parquet_batches_are_the_shapes_items_read_back(tmp_path: Path, data, shapes_tokenizer) -> None:
+    """BAGEL-format parquet (the shapes world exported) gives the same items as the world itself."""
+    export_shapes_world(tmp_path, n_t2i=6, n_edit=6, n_vqa=0, row_group_size=3)
+    groups = [
+        {"kind": "t2i", "paths": [str(tmp_path / "t2i" / "train")]},
+        {"kind": "edit", "paths": [str(tmp_path / "editing" / "train")], "weight": 2.0},
+    ]
+    module = ParquetGenerationDataModule(
+        groups, "shapes", "tiny", batch_size=2, val_groups=groups[:1], val_batches=2
+    )
+    batches = [b for b, _ in zip(module.train_dataloader(), range(6))]
+    assert all(
+        len(set(b.kinds)) == 1 and b.grid == (8, 8) and b.target_images.shape == (2, 3, 32, 32)
+        for b in batches
+    )
+    assert {b.kinds[0] for b in batches} == {"t2i", "edit"}
+    world = ShapesWorld(64, 0)
+    prompts = {s.prompt: s for s in world.samples("t2i", "train", 6)}
+    edits = {s.instruction: s for s in world.samples("edit", "train", 6)}
+    for batch in batches:
+        for i, text in enumerate(batch.texts):
+            ids = shapes_tokenizer.encode(text, add_special_tokens=False)
+            if batch.kinds[i] == "t2i":
+                expected = t2i_item(text, ids, data.config, prompts[text].image)
+            else:
+                sample = next(s for s in edits.values() if text in s.instructions)
+                expected = edit_item(sample.source_image, text, ids, data.config, sample.target_image)
+            assert batch.conditional[i][-1] == expected.conditional[-1]
+            torch.testing.assert_close(batch.target_images[i], expected.target, atol=1e-6, rtol=0)
+            if batch.kinds[i] == "edit":
+                assert torch.equal(batch.conditional[i][0].pixels, expected.conditional[0].pixels)
+                assert batch.no_image[i] == expected.no_image and not batch.conditional[i][0].noisy
+    val = list(module.val_dataloader())
+    assert len(val) == 2 and [b.texts for b in val] == [b.texts for b in module.val_dataloader()]
 
 
 def replace_grid(item, grid):

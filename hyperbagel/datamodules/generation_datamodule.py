@@ -1,23 +1,37 @@
-"""`GenerationBatch`es of the shapes world for the distillation stages (text-to-image prompts and edits).
+"""`GenerationBatch`es for the distillation stages: text-to-image prompts and edits with clean targets.
 
-Each batch holds one task kind, so a text-to-image batch never pays for the image-CFG pass of edits;
-batches are made once per split from a seeded permutation and the loader shuffles their order. The
-world's samples are light (scenes and text): images are rendered and transformed when a batch is made.
-Targets are the world's exact renders (for edits the exact edited scene), i.e. the clean latents the
-CFG-distillation stage noises.
+Each batch holds one task kind (a text-to-image batch never pays for the image-CFG pass of edits) and
+one latent grid. Two sources:
+- `GenerationDataModule`: the shapes world. Batches are made once per split from a seeded permutation
+  and the loader shuffles their order; images are rendered when a batch is made. Targets are the exact
+  renders (for edits the exact edited scene).
+- `ParquetGenerationDataModule`: BAGEL-format text-to-image and editing parquet (real scale), streamed
+  through the same readers as stage 0, one item per caption / per edit turn, bucketed by task and grid.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from hyperbagel.backbone.packing import Sample, TextBlock, VaeImage, VitImage
 from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
+from hyperbagel.datamodules.packed_dataset import DataGroup, normalise_groups
+from hyperbagel.datamodules.readers import Reader
 from hyperbagel.datamodules.shapes import EditSample, ShapesWorld, T2ISample
-from hyperbagel.distillation.batches import TASKS, GenerationBatch, GenerationItem, edit_item, t2i_item
+from hyperbagel.distillation.batches import (
+    TASKS,
+    GenerationBatch,
+    GenerationItem,
+    edit_item,
+    latent_grid,
+    t2i_item,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -173,3 +187,148 @@ class GenerationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._loader("test", shuffle=False) if self.sizes["test"] else []
+
+
+# --- BAGEL-format parquet ------------------------------------------------------------------------------
+def reader_items(sample: Sample, kind: str, reader: Reader) -> list[GenerationItem]:
+    """Generation items of a reader's sample: a caption and its image, or one item per edit turn
+    (source as clean VAE + ViT, instruction, target), as the inferencer builds contexts."""
+    config, decode = reader.config, reader.tokenizer.decode
+    if kind == "t2i":
+        text, image = sample
+        grid = latent_grid(image.pixels, config, "image")
+        return [GenerationItem("t2i", [text], [], None, grid, image.pixels, decode(list(text.ids)))]
+    items = []
+    for turn in range(0, len(sample), 4):
+        source, vit, text, target = sample[turn : turn + 4]
+        if not (isinstance(source, VaeImage) and isinstance(vit, VitImage) and isinstance(text, TextBlock)):
+            raise ValueError(
+                f"unexpected edit blocks at turn {turn // 4}: {[type(b).__name__ for b in sample]}"
+            )
+        clean = VaeImage(pixels=source.pixels)
+        grid = latent_grid(source.pixels, config, "source image")
+        if latent_grid(target.pixels, config, "target image") != grid:
+            continue  # BAGEL edits keep the source's size; a resized target cannot be a regression target
+        items.append(
+            GenerationItem(
+                "edit", [clean, vit, text], [clean, vit], [text], grid, target.pixels, decode(list(text.ids))
+            )
+        )
+    return items
+
+
+class ParquetGenerationStream(IterableDataset):
+    """Endless single-kind, single-grid batches from weighted t2i / edit parquet groups.
+
+    Every (rank, worker) stream reads its own share of the row groups (units) in a seeded order,
+    reshuffled each pass; groups are drawn by weight; bad rows are skipped. Items wait in a bucket per
+    (task, grid) until `batch_size` of them are there.
+    """
+
+    def __init__(
+        self,
+        groups: list[DataGroup],
+        tokenizer: Any,
+        config: Any,
+        batch_size: int,
+        seed: int = 0,
+        max_tokens_per_sample: int | None = None,
+    ) -> None:
+        bad = sorted({g.kind for g in groups} - set(TASKS))
+        if bad:
+            raise ValueError(f"generation data groups must be of kinds {TASKS}, got {bad}")
+        self.groups = groups
+        self.tokenizer = tokenizer
+        self.config = config
+        self.batch_size = batch_size
+        self.seed = seed
+        self.max_tokens_per_sample = max_tokens_per_sample
+        self.rank, self.world_size = 0, 1
+
+    def _rows(self, reader: Reader, shard: int, shards: int, rng: np.random.Generator) -> Iterator[Any]:
+        units = reader.units[shard::shards] or reader.units
+        while True:
+            for index in rng.permutation(len(units)):
+                unit = units[index]
+                for row, raw in reader.load_unit(unit):
+                    yield reader.decode(unit.file, row, raw, np.random.default_rng([self.seed, row]))
+
+    def __iter__(self) -> Iterator[GenerationBatch]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        shard, shards = self.rank * workers + worker, self.world_size * workers
+        rng = np.random.default_rng([self.seed, shard])
+        readers = [g.reader(self.tokenizer, self.config, self.max_tokens_per_sample) for g in self.groups]
+        streams = [self._rows(r, shard, shards, rng) for r in readers]
+        weights = np.array([g.weight for g in self.groups], dtype=np.float64)
+        buckets: dict[tuple[str, tuple[int, int]], list[GenerationItem]] = {}
+        while True:
+            choice = int(rng.choice(len(streams), p=weights / weights.sum()))
+            sample = next(streams[choice])
+            if not isinstance(sample, list):  # a BadRow: skipped
+                continue
+            for item in reader_items(sample, self.groups[choice].kind, readers[choice]):
+                bucket = buckets.setdefault((item.kind, item.grid), [])
+                bucket.append(item)
+                if len(bucket) == self.batch_size:
+                    yield GenerationBatch.collate(bucket)
+                    bucket.clear()
+
+
+class ParquetGenerationDataModule(LightningDataModule):
+    """Distillation batches from BAGEL-format parquet (real scale; see `ParquetGenerationStream`).
+
+    Args:
+        groups: t2i / edit `DataGroup`s (dicts with kind, paths, weight, parquet_info).
+        tokenizer / model_config: as `InterleavedDataModule` (a checkpoint folder at real scale).
+        batch_size: items per batch (1 at real scale lets every image keep its own size).
+        val_groups: validation groups, read by rank 0's stream for `val_batches` batches.
+        max_tokens_per_sample: rows whose sample exceeds this are skipped.
+        seed: seeds the streams (with rank and worker).
+        num_workers: DataLoader workers per rank.
+    """
+
+    def __init__(
+        self,
+        groups: list[DataGroup],
+        tokenizer: str,
+        model_config: str,
+        batch_size: int = 1,
+        val_groups: list[DataGroup] | None = None,
+        val_batches: int = 8,
+        max_tokens_per_sample: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.config = load_model_config(model_config, self.tokenizer)
+        common = (self.tokenizer, self.config, batch_size, seed, max_tokens_per_sample)
+        self.train_stream = ParquetGenerationStream(normalise_groups(groups), *common)
+        self.val_stream = (
+            ParquetGenerationStream(normalise_groups(val_groups), *common) if val_groups else None
+        )
+        self.val_batches = val_batches
+        self.num_workers = num_workers
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.train_stream.rank, self.train_stream.world_size = (
+                self.trainer.global_rank,
+                self.trainer.world_size,
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_stream, batch_size=None, collate_fn=_unwrap, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_stream is None:
+            return []
+        batches = []
+        for batch in self.val_stream:  # a fixed list: the same batches at every validation
+            batches.append(batch)
+            if len(batches) == self.val_batches:
+                break
+        return DataLoader(batches, batch_size=None, collate_fn=_unwrap)

@@ -43,7 +43,8 @@ class GenerationItem:
     text: str
 
 
-def _grid_of(pixels: torch.Tensor, config: BagelConfig, what: str) -> tuple[int, int]:
+def latent_grid(pixels: torch.Tensor, config: BagelConfig, what: str) -> tuple[int, int]:
+    """Latent tokens per side of VAE-ready pixels [3, H, W]."""
     height, width = pixels.shape[-2:]
     stride = config.image_stride
     if height % stride or width % stride:
@@ -57,7 +58,7 @@ def _target_pixels(
     if target is None:
         return None
     pixels = vae_input(target, config)
-    if _grid_of(pixels, config, "target") != grid:
+    if latent_grid(pixels, config, "target") != grid:
         raise ValueError(
             f"target image resizes to {tuple(pixels.shape[-2:])}, which is not the output grid {grid} "
             f"x stride {config.image_stride}"
@@ -72,7 +73,7 @@ def t2i_item(
     largest square (the inferencer's default) without a target."""
     conditional, no_text = t2i_context_samples([prompt_ids])
     if target is not None:
-        grid = _grid_of(vae_input(target, config), config, "target")
+        grid = latent_grid(vae_input(target, config), config, "target")
     else:
         side = config.vae_max_image_size // config.image_stride
         grid = (side, side)
@@ -90,7 +91,7 @@ def edit_item(
 ) -> GenerationItem:
     """An edit of `source`; the output has the source's size after the VAE transform, as in the inferencer."""
     conditional, no_text, no_image = edit_context_samples([source], [instruction_ids], config)
-    grid = _grid_of(conditional[0][0].pixels, config, "source image")
+    grid = latent_grid(conditional[0][0].pixels, config, "source image")
     pixels = _target_pixels(target, config, grid)
     return GenerationItem("edit", conditional[0], no_text[0], no_image[0], grid, pixels, instruction)
 

@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import EMA_FILE
@@ -200,6 +201,11 @@ class GenerationWeights(nn.Module):
         A copy without guidance embedders (a CFG teacher) also hides the model's embedders, so the model
         samples with CFG as the teacher does; a copy with them needs a model that has them.
         """
+        if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            raise ValueError(
+                "GenerationWeights cannot swap tensors of FSDP-wrapped layers (FSDP re-installs its own "
+                "views in every forward); under FSDP keep side models as separate modules"
+            )
         self.check_fits(model)
         if self.has_guidance_embedders and not model.has_guidance_embedders:
             raise ValueError(
