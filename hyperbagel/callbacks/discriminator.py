@@ -190,8 +190,8 @@ class AdversarialDiscriminator(Callback):
     """Owns a discriminator for the stage it is attached to (a `ManualStage`).
 
     Args:
-        discriminator: the network (default `TokenDiscriminator()`), built from the stage's model at fit
-            start.
+        discriminator: the network (default `BagelDiscriminator()`, the paper's), built from the stage's
+            model at fit start.
         loss: "hinge" or "non_saturating".
         optimizer / lr_scheduler: factories for the discriminator's optimizer and schedule.
         gradient_clip_val: clip the discriminator's gradient norm.
@@ -211,7 +211,7 @@ class AdversarialDiscriminator(Callback):
             raise ValueError(f"discriminator loss must be one of {DISCRIMINATOR_LOSSES}, got {loss!r}")
         if win_patience < 0:
             raise ValueError(f"win_patience must be >= 0, got {win_patience}")
-        self.discriminator = discriminator if discriminator is not None else TokenDiscriminator()
+        self.discriminator = discriminator if discriminator is not None else BagelDiscriminator()
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
