@@ -219,15 +219,14 @@ seed_everything: 0
 model:
   class_path: hyperbagel.lightning_modules.distill_dmdo.DistillDMDOStage
   init_args:
-    {{model: {stage2_dir}, teacher: {stage2_dir}, generator_every: 1, val_teacher_steps: 2, grid_examples: 0}}
+    {{model: {stage2_dir}, teacher: {stage2_dir}, generator_every: 1}}
 data:
   class_path: hyperbagel.datamodules.generation_datamodule.GenerationDataModule
   init_args: {{model_config: tiny, n_train: 4, n_val: 2, batch_size: 2}}
 trainer:
   accelerator: cpu
-  max_steps: 2
-  val_check_interval: 2
-  check_val_every_n_epoch: null
+  max_steps: 1
+  limit_val_batches: 0
   num_sanity_val_steps: 0
   enable_progress_bar: false
   enable_checkpointing: false
