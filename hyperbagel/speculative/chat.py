@@ -250,6 +250,7 @@ class ChatModule(LightningModule):
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.target: Bagel | None = None
         self.draft_head: DraftHead | None = None
+        self.generator: SpeculativeGenerator | None = None
 
     def configure_model(self) -> None:
         if self.target is not None:
@@ -257,7 +258,10 @@ class ChatModule(LightningModule):
         dtype = DTYPES[self.dtype_name] if self.dtype_name else None
         self.target = from_pretrained(self.model_source, dtype=dtype, load_autoencoder=False)
         if self.draft_source is not None:
-            self.draft_head = load_draft_head(self.draft_source, self.target, dtype).eval()
+            self.draft_head = load_draft_head(self.draft_source, self.target, dtype)
+            self.generator = SpeculativeGenerator(
+                self.target, self.draft_head, self.tokenizer, self.speculative
+            )
 
     def configure_callbacks(self) -> list[Callback]:
         return [ChatAnswerWriter(self.output)] if self.output else []
@@ -267,7 +271,7 @@ class ChatModule(LightningModule):
 
     def predict_step(self, batch: list[ChatRequest], batch_idx: int = 0) -> list[dict[str, Any]]:
         samples = [chat_sample(self.target.config, self.tokenizer, r.prompt, self._images(r)) for r in batch]
-        if self.draft_head is None:
+        if self.generator is None:
             return self._plain(batch, samples)
         return [self._speculative(request, sample) for request, sample in zip(batch, samples)]
 
@@ -276,30 +280,22 @@ class ChatModule(LightningModule):
         record.update(answer=self.tokenizer.decode(ids), answer_tokens=len(ids), seconds=seconds, **stats)
         return record
 
-    def _generator(self, index: int) -> torch.Generator | None:
-        return torch.Generator().manual_seed(self.seed + index) if self.seed is not None else None
-
     def _plain(self, batch: list[ChatRequest], samples: list[Sample]) -> list[dict[str, Any]]:
         """Batched plain decoding (one shared seed per batch when sampling: that of its first prompt)."""
         started = time.perf_counter()
         cache = prefill(self.target, samples, capacity_margin=self.max_new_tokens + 2)
         config = self.speculative
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed + batch[0].index)
         answers = generate_text(
-            self.target,
-            cache,
-            self.max_new_tokens,
-            config.temperature,
-            config.top_p,
-            self._generator(batch[0].index),
+            self.target, cache, self.max_new_tokens, config.temperature, config.top_p, generator
         )
         seconds = (time.perf_counter() - started) / len(batch)
         return [self._record(r, ids, seconds) for r, ids in zip(batch, answers)]
 
     def _speculative(self, request: ChatRequest, sample: Sample) -> dict[str, Any]:
-        generator = SpeculativeGenerator(self.target, self.draft_head, self.tokenizer, self.speculative)
         started = time.perf_counter()
         seed = self.seed + request.index if self.seed is not None else None
-        ids, stats = generator.generate(sample, self.max_new_tokens, seed)
+        ids, stats = self.generator.generate(sample, self.max_new_tokens, seed)
         return self._record(
             request,
             ids,
