@@ -225,6 +225,7 @@ data:
   init_args: {{model_config: tiny, n_train: 4, n_val: 2, batch_size: 2}}
 trainer:
   accelerator: cpu
+  default_root_dir: {tmp_path}
   max_steps: 1
   limit_val_batches: 0
   num_sanity_val_steps: 0

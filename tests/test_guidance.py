@@ -227,7 +227,7 @@ def test_per_sample_guidance_equals_the_sampler_on_each_sample(tiny_bagel) -> No
         together = contexts.velocity(x, times, cfgs)
         for i, prompt in enumerate(prompts):
             alone = _contexts(tiny_bagel, (prompt,)).velocity(x[i : i + 1], times[i], cfgs[i])
-            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-4, atol=1e-5)
         same = contexts.velocity(x, torch.full((3,), 0.9), [cfgs[0]] * 3)
         assert torch.equal(same, contexts.velocity(x, torch.tensor(0.9), cfgs[0]))
     with pytest.raises(ValueError, match="one time and one CFG setting per sample"):

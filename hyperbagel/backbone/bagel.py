@@ -97,6 +97,7 @@ class Bagel(nn.Module):
         self.vae2llm = nn.Linear(config.latent_token_dim, hidden)
         self.llm2vae = nn.Linear(hidden, config.latent_token_dim)
         self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
+        self._init_from_scratch()
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
         self.text_guidance_embedder: TimestepEmbedder | None = None
@@ -122,6 +123,23 @@ class Bagel(nn.Module):
         from hyperbagel.backbone.checkpoint import save_pretrained
 
         save_pretrained(self, folder, tokenizer=tokenizer, dtype=dtype)
+
+    def _init_from_scratch(self) -> None:
+        """Transformer-standard init (N(0, 0.02) weights, zero biases) for the language model's and the ViT
+        encoder's projections and for the token and ViT position tables. PyTorch's defaults (N(0, 1) tables)
+        let the ViT position table drown the patch content of a from-scratch ViT. The input projections
+        (`patch_embedding`, `connector`, `vae2llm`, `time_embedder`) keep PyTorch's fan-in scaled init so image
+        and latent content enters at the scale of the fixed 2-D position tables. A checkpoint overrides all."""
+        std = 0.02
+        for name, module in self.named_modules():
+            if name.startswith(("connector", "vae2llm", "time_embedder")) or name.endswith("patch_embedding"):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
 
     # --- guidance embedders (CFG distillation) -------------------------------------------------------
     @property
