@@ -128,8 +128,9 @@ class Bagel(nn.Module):
         """Transformer-standard init (N(0, 0.02) weights, zero biases) for the language model's and the ViT
         encoder's projections and for the token and ViT position tables. PyTorch's defaults (N(0, 1) tables)
         let the ViT position table drown the patch content of a from-scratch ViT. The input projections
-        (`patch_embedding`, `connector`, `vae2llm`, `time_embedder`) keep PyTorch's fan-in scaled init so image
-        and latent content enters at the scale of the fixed 2-D position tables. A checkpoint overrides all."""
+        (`patch_embedding`, `connector`, `vae2llm`, `time_embedder`) keep PyTorch's fan-in scaled init so
+        image and latent content enters at the scale of the fixed 2-D position tables. A checkpoint
+        overrides all of it."""
         std = 0.02
         for name, module in self.named_modules():
             if name.startswith(("connector", "vae2llm", "time_embedder")) or name.endswith("patch_embedding"):

@@ -34,14 +34,15 @@ def replace_folder(staging: Path, destination: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-class BagelExport(Callback):
-    """Exports `pl_module.model` (and its tokenizer) with `save_pretrained` at fit end and optionally
-    every `every_n_train_steps` optimizer steps and after each validation.
+class FolderExport(Callback):
+    """When to write an export folder: every `every_n_train_steps` optimizer steps, optionally after each
+    validation, at fit end, and (rank 0, best effort) when training stops on an exception or Ctrl-C, so a
+    stopped run keeps its latest weights. Subclasses say what to write in `write(pl_module)`.
 
     Args:
-        dirpath: the checkpoint folder to (re)write.
+        dirpath: the folder to (re)write; each write replaces it only when complete.
         use_ema: export the average of the trainer's `EMA` callback instead of the raw weights.
-        dtype: "bfloat16", "float16" or "float32" for `ema.safetensors`; None keeps the training dtype.
+        dtype: "bfloat16", "float16" or "float32" for the written tensors; None keeps the training dtype.
         every_n_train_steps: also export every this many optimizer steps.
         on_validation: also export after every validation (not the sanity check).
 
@@ -67,6 +68,14 @@ class BagelExport(Callback):
         self.on_validation = on_validation
         self._last_export_step = -1
 
+    def write(self, pl_module: LightningModule) -> None:
+        """Write `self.dirpath` from the module's current weights."""
+        raise NotImplementedError
+
+    def ready(self, pl_module: LightningModule) -> bool:
+        """Whether there is anything to write yet (an exception may come before the model exists)."""
+        return getattr(pl_module, "model", None) is not None
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.use_ema:
             require_ema(trainer, type(self).__name__)
@@ -85,17 +94,28 @@ class BagelExport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.export(trainer, pl_module)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.ready(pl_module):
+            self._write_chosen(trainer, pl_module)  # no barrier: the other ranks may be gone
+
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the folder now (once per global step)."""
         if trainer.global_step == self._last_export_step:
             return
         self._last_export_step = trainer.global_step
         if trainer.is_global_zero:
-            with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
-                self._write(pl_module)
-        trainer.strategy.barrier("bagel_export")
+            self._write_chosen(trainer, pl_module)
+        trainer.strategy.barrier(f"{type(self).__name__}_export")
 
-    def _write(self, pl_module: LightningModule) -> None:
+    def _write_chosen(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
+            self.write(pl_module)
+
+
+class BagelExport(FolderExport):
+    """Exports `pl_module.model` (and its tokenizer) in BAGEL's checkpoint layout with `save_pretrained`."""
+
+    def write(self, pl_module: LightningModule) -> None:
         parent = self.dirpath.parent
         parent.mkdir(parents=True, exist_ok=True)
         staging = parent / f".{self.dirpath.name}.tmp-{os.getpid()}"

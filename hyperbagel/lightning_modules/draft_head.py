@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import EMA_FILE, from_pretrained, quantize_decoder_layers
 from hyperbagel.backbone.config import PRESETS
-from hyperbagel.callbacks.ema import chosen_weights, require_ema
+from hyperbagel.callbacks.export import FolderExport
 from hyperbagel.datamodules.readers import expand_paths
 from hyperbagel.lightning_modules.base import BagelStage, default_optimizer
 from hyperbagel.lightning_modules.pretrain import packed_of
@@ -284,63 +284,12 @@ class DraftHeadModule(BagelStage):
 
 
 # --- writing the head ------------------------------------------------------------------------------
-class DraftHeadExport(Callback):
+class DraftHeadExport(FolderExport):
     """Writes the stage's draft head with `hyperbagel.speculative.export.export_draft_head` (EAGLE-3's
-    serving folder for an EAGLE-3-compatible head, our own format otherwise) every
-    `every_n_train_steps` optimizer steps, at the end of fit, and (rank 0, best effort) when training
-    stops on an exception or Ctrl-C, so a stopped run keeps its latest head.
+    serving folder for an EAGLE-3-compatible head, our own format otherwise), on `FolderExport`'s schedule."""
 
-    Args:
-        dirpath: the folder to (re)write; each write replaces it only when complete.
-        every_n_train_steps: also export every this many optimizer steps.
-        use_ema: write the average kept by the trainer's `EMA` callback instead of the raw weights.
-        dtype: "bfloat16", "float16" or "float32" for the written tensors; None keeps the training dtype.
-    """
+    def ready(self, pl_module: LightningModule) -> bool:
+        return getattr(pl_module, "draft_head", None) is not None
 
-    def __init__(
-        self,
-        dirpath: str | Path,
-        every_n_train_steps: int | None = None,
-        use_ema: bool = False,
-        dtype: str | None = None,
-    ) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"export dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
-        self.dirpath = Path(dirpath)
-        self.every_n_train_steps = every_n_train_steps
-        self.use_ema = use_ema
-        self.dtype = DTYPES[dtype] if dtype is not None else None
-        self._last_export_step = -1
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.use_ema:
-            require_ema(trainer, type(self).__name__)
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
-            self.export(trainer, pl_module)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.export(trainer, pl_module)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and getattr(pl_module, "draft_head", None) is not None:
-            self._write(trainer, pl_module)  # no barrier: the other ranks may be gone
-
-    def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write the folder now (once per global step)."""
-        if trainer.global_step == self._last_export_step:
-            return
-        self._last_export_step = trainer.global_step
-        if trainer.is_global_zero:
-            self._write(trainer, pl_module)
-        trainer.strategy.barrier("draft_head_export")
-
-    def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
-            export_draft_head(pl_module.draft_head, self.dirpath, self.dtype)
+    def write(self, pl_module: LightningModule) -> None:
+        export_draft_head(pl_module.draft_head, self.dirpath, self.dtype)
