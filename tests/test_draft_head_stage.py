@@ -240,7 +240,7 @@ def test_only_the_draft_trains_and_only_it_is_checkpointed(tmp_path) -> None:
     first = stage.compute_losses(data.pack, "val")["loss"].item()
     _trainer(tmp_path, 12).fit(stage, DataLoader(data, batch_size=None, collate_fn=keep_pack))
     last = stage.compute_losses(data.pack, "val")["loss"].item()
-    assert last < 0.5 * first
+    assert last < 0.8 * first  # a near-uniform tiny target: the KL term starts small
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in target_before.items())
     assert not any("_moe_gen" in key for key in target_before)  # the generation expert is gone
     assert all(key.startswith("draft_head.") for key in stage.state_dict())
@@ -369,6 +369,11 @@ def test_export_every_n_steps_and_on_an_exception(tmp_path) -> None:
     assert (
         config["architectures"] == ["HyperBagelDraftHead"] and config["hyperbagel_draft"]["num_layers"] == 1
     )
+    assert config["hyperbagel_training"] == {
+        "ce_weight": stage.ce_weight,
+        "num_steps": stage.num_steps,
+        "step_decay": stage.step_decay,
+    }
 
 
 def test_draft_head_fits_through_the_cli(tmp_path) -> None:

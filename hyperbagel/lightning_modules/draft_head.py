@@ -292,4 +292,9 @@ class DraftHeadExport(FolderExport):
         return getattr(pl_module, "draft_head", None) is not None
 
     def write(self, pl_module: LightningModule) -> None:
-        export_draft_head(pl_module.draft_head, self.dirpath, self.dtype)
+        training = {
+            "ce_weight": pl_module.ce_weight,
+            "num_steps": pl_module.num_steps,
+            "step_decay": pl_module.step_decay,
+        }
+        export_draft_head(pl_module.draft_head, self.dirpath, self.dtype, training)

@@ -88,7 +88,9 @@ def check_export_keys(
         raise ValueError(f"refusing {where}: " + "; ".join(problems))
 
 
-def _head_config_json(head: DraftHead, architecture: str, dtype: torch.dtype) -> dict[str, Any]:
+def _head_config_json(
+    head: DraftHead, architecture: str, dtype: torch.dtype, training: dict[str, Any] | None
+) -> dict[str, Any]:
     llm = head.llm_config
     rope = llm_config_dict(llm)
     eagle3 = architecture == EAGLE3_ARCHITECTURE
@@ -111,6 +113,8 @@ def _head_config_json(head: DraftHead, architecture: str, dtype: torch.dtype) ->
         },
         hyperbagel_draft={**asdict(head.config), "num_target_layers": head.num_target_layers},
     )
+    if training:
+        config["hyperbagel_training"] = training  # how the head was trained (benchmark ablation rows)
     return config
 
 
@@ -136,7 +140,13 @@ def _write_folder(folder: Path, config: dict[str, Any], tensors: dict[str, torch
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _export(head: nn.Module, folder: str | Path, architecture: str, dtype: torch.dtype | None) -> None:
+def _export(
+    head: nn.Module,
+    folder: str | Path,
+    architecture: str,
+    dtype: torch.dtype | None,
+    training: dict[str, Any] | None = None,
+) -> None:
     folder = Path(folder)
     tensors = {key: value for key, value in head.state_dict().items() if key != EMBEDDING_KEY}
     if not isinstance(head, DraftHead):  # DDP / torch.compile wrappers, a trainer module holding the head
@@ -151,10 +161,15 @@ def _export(head: nn.Module, folder: str | Path, architecture: str, dtype: torch
         key: (value.to(out_dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
         for key, value in tensors.items()
     }
-    _write_folder(folder, _head_config_json(head, architecture, out_dtype), tensors)
+    _write_folder(folder, _head_config_json(head, architecture, out_dtype, training), tensors)
 
 
-def export_eagle3(head: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+def export_eagle3(
+    head: nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
     """Write an EAGLE-3-compatible head as the `LlamaForCausalLMEagle3` folder SGLang / vLLM load."""
     config = getattr(head, "config", None)
     if isinstance(config, DraftHeadConfig) and not config.eagle3_compatible:
@@ -164,25 +179,36 @@ def export_eagle3(head: nn.Module, folder: str | Path, dtype: torch.dtype | None
             "EAGLE-3's architecture; train with "
             "DraftHeadConfig(eagle3_compatible=True) for a serving-engine head, or use export_hyper_bagel"
         )
-    _export(head, folder, EAGLE3_ARCHITECTURE, dtype)
+    _export(head, folder, EAGLE3_ARCHITECTURE, dtype, training)
 
 
-def export_hyper_bagel(head: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+def export_hyper_bagel(
+    head: nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
     """Write a Hyper-Bagel head in our own folder format (see the module docstring)."""
     config = getattr(head, "config", None)
     if isinstance(config, DraftHeadConfig) and config.eagle3_compatible:
         raise ValueError(f"refusing to write {folder}: an EAGLE-3-compatible head exports with export_eagle3")
-    _export(head, folder, HYPER_BAGEL_ARCHITECTURE, dtype)
+    _export(head, folder, HYPER_BAGEL_ARCHITECTURE, dtype, training)
 
 
-def export_draft_head(head: DraftHead, folder: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write `head` in the format its architecture has: EAGLE-3 if compatible, else Hyper-Bagel."""
+def export_draft_head(
+    head: DraftHead,
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Write `head` in the format its architecture has: EAGLE-3 if compatible, else Hyper-Bagel;
+    `training` (e.g. the loss settings) is recorded as `hyperbagel_training` in config.json."""
     if not isinstance(head, DraftHead):
         raise ValueError(
             f"refusing to write {folder}: pass the DraftHead itself, not a {type(head).__name__}"
         )
     export = export_eagle3 if head.config.eagle3_compatible else export_hyper_bagel
-    export(head, folder, dtype)
+    export(head, folder, dtype, training)
 
 
 # --- loading ---------------------------------------------------------------------------------------
