@@ -218,7 +218,7 @@ def _fit(stage, data, steps: int, tmp_path: Path, loader=None) -> Trainer:
 
 def test_training_moves_only_the_student_and_lowers_the_loss(teacher_dir, data, tmp_path) -> None:
     stage = CFGDistillStage(
-        model=str(teacher_dir), tokenizer="shapes", optimizer=lambda p: torch.optim.Adam(p, lr=1e-3)
+        model=str(teacher_dir), tokenizer="shapes", optimizer=lambda p: torch.optim.Adam(p, lr=1e-4)
     )
     stage.configure_model()
     batch = _batch(data, "edit")

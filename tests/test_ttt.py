@@ -248,7 +248,7 @@ def test_ttt_loss_trains_the_draft_towards_the_target(tiny_bagel) -> None:
         result.loss.backward()
         optimizer.step()
         losses.append(result.loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.8 * losses[0]
     terms = result.terms()
     assert {"loss", "loss_1", "kl_0", "ce_2", "acc_2"} <= set(terms)
     for j in range(3):
