@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def replace_folder(staging: Path, destination: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-class FolderExport(Callback):
+class FolderExport(Callback, ABC):
     """When to write an export folder: every `every_n_train_steps` optimizer steps, optionally after each
     validation, at fit end, and (rank 0, best effort) when training stops on an exception or Ctrl-C, so a
     stopped run keeps its latest weights. Subclasses say what to write in `write(pl_module)`.
@@ -68,9 +69,9 @@ class FolderExport(Callback):
         self.on_validation = on_validation
         self._last_export_step = -1
 
+    @abstractmethod
     def write(self, pl_module: LightningModule) -> None:
         """Write `self.dirpath` from the module's current weights."""
-        raise NotImplementedError
 
     def ready(self, pl_module: LightningModule) -> bool:
         """Whether there is anything to write yet (an exception may come before the model exists)."""
