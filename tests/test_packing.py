@@ -1,6 +1,8 @@
 """BAGEL's packing rules: masks, RoPE ids, routing, labels, and no cross-talk in real forwards."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from hyperbagel.backbone.packing import (
     CAUSAL,
@@ -12,6 +14,7 @@ from hyperbagel.backbone.packing import (
     pack,
     sample_length,
 )
+from hyperbagel.backbone.segmented_attention import SampleSegments
 
 
 def _image(side: int = 16) -> torch.Tensor:
@@ -104,3 +107,30 @@ def test_rows_are_padded_and_rope_can_continue(tiny_bagel_config) -> None:
     mask = packed.block_mask()
     assert mask[1, 3].tolist() == [False, False, False, True, False]  # padding sees only itself
     assert packed.rope_advance == [5, 3, 0]
+
+
+def test_per_sample_attention_equals_block_mask_attention(tiny_bagel_config) -> None:
+    """Attending each sample alone (padded batch) gives the block-mask attention's outputs and gradients."""
+    a = [TextBlock([1, 2]), VitImage(_image(8)), VaeImage(pixels=_image(), noisy=True), TextBlock([3])]
+    b = [TextBlock([4, 5, 6])]
+    packed = pack([[a, b], [b]], tiny_bagel_config)  # row 1 is padded
+    block_mask = packed.block_mask()
+    segments = SampleSegments.from_block_mask(block_mask, packed.sample_ids)
+    rows, seq = packed.shape
+    q = torch.randn(rows, 4, seq, 8, requires_grad=True)
+    k, v = torch.randn(rows, 2, seq, 8, requires_grad=True), torch.randn(rows, 2, seq, 8, requires_grad=True)
+    weights = torch.randn(rows, 4, seq, 8)
+    per_sample = segments.attend(q, k, v, enable_gqa=True)
+    grads = torch.autograd.grad((per_sample * weights).sum(), (q, k, v))
+    whole = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask[:, None], enable_gqa=True)
+    torch.testing.assert_close(per_sample, whole)
+    for got, expected in zip(grads, torch.autograd.grad((whole * weights).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_per_sample_attention_refuses_a_split_sample(tiny_bagel_config) -> None:
+    packed = pack([[[TextBlock([1, 2])], [TextBlock([3])]]], tiny_bagel_config)
+    sample_ids = packed.sample_ids.clone()
+    sample_ids[0, -1] = 0  # sample 0 again after sample 1
+    with pytest.raises(ValueError, match="not contiguous"):
+        SampleSegments.from_block_mask(packed.block_mask(), sample_ids)

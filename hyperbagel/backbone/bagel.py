@@ -28,6 +28,7 @@ from hyperbagel.backbone.flow import add_noise, sample_training_timesteps, veloc
 from hyperbagel.backbone.kv_cache import KVCache
 from hyperbagel.backbone.language_model import Qwen2MoTForCausalLM
 from hyperbagel.backbone.packing import PackedSequence, VaeImage
+from hyperbagel.backbone.segmented_attention import SampleSegments
 from hyperbagel.backbone.vision import SiglipNaViT
 
 
@@ -322,7 +323,7 @@ class Bagel(nn.Module):
         embeds = self.embed_packed(packed, vae_tokens, vae_timesteps, text_scales, img_scales)
         block_mask = packed.block_mask()
         if cache is None:
-            mask = block_mask[:, None]
+            mask = SampleSegments.from_block_mask(block_mask, packed.sample_ids)
         else:
             cache.reserve(packed.shape[1])
             mask = cache.attention_mask(

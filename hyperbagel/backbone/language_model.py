@@ -25,6 +25,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from hyperbagel.backbone.kv_cache import KVCache
+from hyperbagel.backbone.segmented_attention import SampleSegments
 
 
 def head_dim_of(config: Qwen2Config) -> int:
@@ -54,11 +55,11 @@ class Routing:
         """Run each expert on its tokens of x [batch, seq, dim] and put results back in order."""
         batch, seq = x.shape[:2]
         flat = x.reshape(batch * seq, *x.shape[2:])
-        gen_out = gen_fn(flat[self.gen_index])
-        out = flat.new_empty(batch * seq, *gen_out.shape[1:], dtype=gen_out.dtype)
-        out[self.gen_index] = gen_out
+        gen_out = gen_fn(flat.index_select(0, self.gen_index))
+        out = gen_out.new_zeros(batch * seq, *gen_out.shape[1:]).index_copy(0, self.gen_index, gen_out)
         if self.und_index.numel():
-            out[self.und_index] = und_fn(flat[self.und_index]).to(out.dtype)
+            und_out = und_fn(flat.index_select(0, self.und_index)).to(out.dtype)
+            out = out.index_copy(0, self.und_index, und_out)
         return out.reshape(batch, seq, *gen_out.shape[1:])
 
 
@@ -107,7 +108,7 @@ class MoTAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | SampleSegments | None,
         routing: Routing | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -121,14 +122,18 @@ class MoTAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-            is_causal=attention_mask is None and cache is None and seq > 1,
-        )
+        enable_gqa = self.num_kv_heads != self.num_heads
+        if isinstance(attention_mask, SampleSegments):
+            out = attention_mask.attend(q, k, v, enable_gqa)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attention_mask,
+                enable_gqa=enable_gqa,
+                is_causal=attention_mask is None and cache is None and seq > 1,
+            )
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return route(out, routing, self.o_proj, self.o_proj_moe_gen)
 
@@ -151,7 +156,7 @@ class MoTDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | SampleSegments | None,
         routing: Routing | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -185,15 +190,16 @@ class Qwen2MoTModel(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | SampleSegments | None = None,
         gen_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
     ) -> LanguageModelOutput:
         """Run [batch, seq, hidden] embeddings through the stack.
 
-        attention_mask: boolean [batch or 1, 1, seq, keys] (True = may attend); None means causal
-        attention (over the committed cache plus the new tokens when a cache is given).
+        attention_mask: boolean [batch or 1, 1, seq, keys] (True = may attend), or `SampleSegments` of a
+        cache-free pack (one attention per sample); None means causal attention (over the committed cache
+        plus the new tokens when a cache is given).
         gen_mask: [batch, seq] True for tokens of the generation expert (noisy or clean latent tokens).
         cache: new keys/values are written past each sample's committed length; the caller commits.
         output_hidden_states: also return the input of every layer and the final (pre-norm) output,
