@@ -110,12 +110,13 @@ def test_rows_are_padded_and_rope_can_continue(tiny_bagel_config) -> None:
 
 
 def test_per_sample_attention_equals_block_mask_attention(tiny_bagel_config) -> None:
-    """Attending each sample alone (padded batch) gives the block-mask attention's outputs and gradients."""
+    """Attending each sample alone (length-bucketed padded batches) gives the block-mask attention's outputs and gradients."""
     a = [TextBlock([1, 2]), VitImage(_image(8)), VaeImage(pixels=_image(), noisy=True), TextBlock([3])]
     b = [TextBlock([4, 5, 6])]
     packed = pack([[a, b], [b]], tiny_bagel_config)  # row 1 is padded
     block_mask = packed.block_mask()
     segments = SampleSegments.from_block_mask(block_mask, packed.sample_ids)
+    assert len(segments.buckets) > 1  # long and short samples are batched apart
     rows, seq = packed.shape
     q = torch.randn(rows, 4, seq, 8, requires_grad=True)
     k, v = torch.randn(rows, 2, seq, 8, requires_grad=True), torch.randn(rows, 2, seq, 8, requires_grad=True)

@@ -27,6 +27,7 @@ def exported(tmp_path_factory):
         n_t2i=11,
         n_edit=9,
         n_vqa=7,
+        vqa_follow_ups=2,
         split="val",
         canvas_size=32,
         seed=2,
@@ -88,9 +89,14 @@ def test_vqa_jsonl(exported):
     for line, sample in zip(lines, expected, strict=True):
         row = json.loads(line)
         ids.add(row["id"])
-        human, gpt = row["conversations"]
+        human, gpt, *follow_ups = row["conversations"]
         assert human == {"from": "human", "value": "<image>\n" + sample.question}
         assert gpt == {"from": "gpt", "value": sample.answer}
+        expected_follow_ups = ShapesWorld(canvas_size=32, seed=2).follow_up_questions(
+            sample.scene, 2, key=f"val|{len(ids) - 1}"
+        )
+        assert [(q["value"], a["value"]) for q, a in zip(follow_ups[::2], follow_ups[1::2])] == expected_follow_ups
+        assert len(follow_ups) == 4 and [t["from"] for t in follow_ups] == ["human", "gpt"] * 2
         image_path = out / "vqa" / "images" / row["image"]
         assert image_path.parent.name == "val" and entry["data_dir"] == str(out / "vqa" / "images")
         assert np.array_equal(np.asarray(Image.open(image_path).convert("RGB")), np.asarray(sample.image))

@@ -268,6 +268,21 @@ def test_short_answers_match_reference(world):
             assert s.answer == _reference_answer(s.scene, s.question), s.question
 
 
+def test_follow_up_questions_are_distinct_correct_and_deterministic(world):
+    samples = world.samples("vqa", "train", 60)
+    asked = Counter()
+    for i, s in enumerate(samples):
+        pairs = world.follow_up_questions(s.scene, 4, key=str(i))
+        assert pairs == world.follow_up_questions(s.scene, 4, key=str(i))
+        assert 1 <= len(pairs) <= 4 and len(set(pairs)) == len(pairs)
+        for question, answer in pairs:
+            assert answer == _reference_answer(s.scene, question), question
+            asked[question.split()[0]] += 1
+    assert sum(len(world.follow_up_questions(s.scene, 4, key=str(i))) for i, s in enumerate(samples)) > 200
+    assert set(asked) == {"what", "how", "is"}  # colour/shape, count and position questions all appear
+    assert world.follow_up_questions(samples[0].scene, 0, key="0") == []
+
+
 def test_describe_hand_made_scene():
     scene = Scene(
         (ShapeObject("square", "blue", 50.0, 50.0, 16), ShapeObject("circle", "orange", 18.0, 18.0, 16)), 64

@@ -42,11 +42,13 @@ T2I_CATEGORIES: tuple[str, ...] = (
 )
 EDIT_KINDS: tuple[str, ...] = ("recolor", "add", "remove", "move", "replace")
 VQA_CATEGORIES: tuple[str, ...] = ("color", "count", "shape", "position", "describe")
+SHORT_ANSWER_CATEGORIES: tuple[str, ...] = VQA_CATEGORIES[:4]
 KINDS: dict[str, tuple[str, ...]] = {"t2i": T2I_CATEGORIES, "edit": EDIT_KINDS, "vqa": VQA_CATEGORIES}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 HELD_OUT_FRACTION = 0.1  # of each of val and test
 IDENTITIES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 _MAX_TRIES = 10_000
+_MAX_FOLLOW_UP_TRIES = 20  # per wanted pair; a scene poses only so many distinct questions
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,19 @@ class ShapesWorld:
             if qa is not None:
                 return VQASample(scene, qa[0], qa[1], category)
         raise RuntimeError(f"could not draw a {category} question on a {self.canvas_size}px canvas")
+
+    def follow_up_questions(self, scene: Scene, n: int, key: str) -> list[tuple[str, str]]:
+        """Up to `n` distinct short-answer (question, answer) pairs about `scene`, drawn deterministically
+        from `key`: extra conversation turns that give an image's ViT tokens several answers to train on."""
+        rng = random.Random(f"shapes|{self.seed}|follow-up|{key}")
+        pairs: list[tuple[str, str]] = []
+        for _ in range(_MAX_FOLLOW_UP_TRIES * n):
+            if len(pairs) == n:
+                break
+            qa = self._question(rng, rng.choice(SHORT_ANSWER_CATEGORIES), scene)
+            if qa is not None and qa not in pairs:
+                pairs.append(qa)
+        return pairs
 
     def _question(self, rng: random.Random, category: str, scene: Scene) -> tuple[str, str] | None:
         """(question, its single correct answer) about the scene, or None if the scene cannot pose it."""

@@ -57,6 +57,7 @@ class ShapesDataModule(InterleavedDataModule):
         data_root: where the world is exported (created if missing).
         n_train / n_val: samples per kind (t2i, editing, vqa) in the train / validation split; n_val 0
             disables validation.
+        vqa_follow_ups: extra short-answer turns per understanding row (more answers per image encoding).
         canvas_size / world_seed: the world's image size and seed.
         row_group_size: parquet row-group size (the unit of sharding across ranks and workers).
         t2i_weight / edit_weight / vqa_weight: sampling weights of the three groups (0 leaves one out).
@@ -69,6 +70,7 @@ class ShapesDataModule(InterleavedDataModule):
         data_root: str = "data/shapes",
         n_train: int = 2000,
         n_val: int = 64,
+        vqa_follow_ups: int = 0,
         canvas_size: int = 64,
         world_seed: int = 0,
         row_group_size: int = 32,
@@ -92,18 +94,14 @@ class ShapesDataModule(InterleavedDataModule):
             raise ValueError(f"need n_train >= 1 and n_val >= 0, got {n_train} and {n_val}")
         self.data_root = Path(data_root)
         self.export_settings = {
-            "train": {
-                "n": n_train,
+            split: {
+                "n": n,
+                "vqa_follow_ups": vqa_follow_ups,
                 "canvas_size": canvas_size,
                 "seed": world_seed,
                 "row_group_size": row_group_size,
-            },
-            "val": {
-                "n": n_val,
-                "canvas_size": canvas_size,
-                "seed": world_seed,
-                "row_group_size": row_group_size,
-            },
+            }
+            for split, n in (("train", n_train), ("val", n_val))
         }
         weights = {"t2i": t2i_weight, "editing": edit_weight, "vqa": vqa_weight}
         super().__init__(
@@ -137,6 +135,7 @@ class ShapesDataModule(InterleavedDataModule):
                 n_t2i=n,
                 n_edit=n,
                 n_vqa=n,
+                vqa_follow_ups=settings["vqa_follow_ups"],
                 split=split,
                 canvas_size=settings["canvas_size"],
                 seed=settings["seed"],

@@ -13,7 +13,8 @@ Layout written under `out_dir` for one split (several splits can share an `out_d
   "num_rows": int}}``.
 - ``vqa/<split>.jsonl`` with images ``vqa/images/<split>/XXXXXX.png``: LLaVA-style understanding rows
   ``{"id", "image": "<split>/XXXXXX.png" (relative to vqa/images), "conversations": [{"from": "human",
-  "value": "<image>\\n<question>"}, {"from": "gpt", "value": <answer>}], "category", "scene"}``.
+  "value": "<image>\\n<question>"}, {"from": "gpt", "value": <answer>}, ...], "category", "scene"}``: the
+  sample's question first, then `vqa_follow_ups` further short-answer turns about the same image.
 - ``dataset_info.json``: entries shaped like BAGEL's ``DATASET_INFO`` (group -> dataset name -> ``data_dir``,
   ``num_files``, ``num_total_samples``, ``parquet_info_path`` / ``jsonl_path``), merged across calls.
 """
@@ -63,6 +64,7 @@ def export_shapes_world(
     n_t2i: int = 1000,
     n_edit: int = 1000,
     n_vqa: int = 1000,
+    vqa_follow_ups: int = 0,
     split: str = "train",
     canvas_size: int = 64,
     seed: int = 0,
@@ -70,7 +72,8 @@ def export_shapes_world(
     row_group_size: int = 32,
 ) -> dict[str, dict[str, dict]]:
     """Write `split` samples of the world (see module docstring) and return the BAGEL dataset-info
-    entries added to ``out_dir/dataset_info.json``. A count of 0 skips that part."""
+    entries added to ``out_dir/dataset_info.json``. A count of 0 skips that part. `vqa_follow_ups` extra
+    question turns per understanding row multiply the answers learned per (costly) image encoding."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if rows_per_file < 1 or row_group_size < 1:
@@ -131,12 +134,15 @@ def export_shapes_world(
             for i, s in enumerate(samples):
                 relative = f"{split}/{i:06d}.png"
                 s.image.save(image_root / relative, format="PNG")
+                follow_ups = world.follow_up_questions(s.scene, vqa_follow_ups, key=f"{split}|{i}")
+                turns = [(f"<image>\n{s.question}", s.answer), *follow_ups]
                 row = {
                     "id": f"{name}_{i:06d}",
                     "image": relative,
                     "conversations": [
-                        {"from": "human", "value": f"<image>\n{s.question}"},
-                        {"from": "gpt", "value": s.answer},
+                        message
+                        for question, answer in turns
+                        for message in ({"from": "human", "value": question}, {"from": "gpt", "value": answer})
                     ],
                     "category": s.category,
                     "scene": s.scene.to_json(),
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-t2i", type=int, default=1000)
     parser.add_argument("--n-edit", type=int, default=1000)
     parser.add_argument("--n-vqa", type=int, default=1000)
+    parser.add_argument("--vqa-follow-ups", type=int, default=0, help="extra question turns per vqa row")
     parser.add_argument("--canvas-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-per-file", type=int, default=1000)
@@ -168,14 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     info = export_shapes_world(
         args.out,
-        args.n_t2i,
-        args.n_edit,
-        args.n_vqa,
-        args.split,
-        args.canvas_size,
-        args.seed,
-        args.rows_per_file,
-        args.row_group_size,
+        n_t2i=args.n_t2i,
+        n_edit=args.n_edit,
+        n_vqa=args.n_vqa,
+        vqa_follow_ups=args.vqa_follow_ups,
+        split=args.split,
+        canvas_size=args.canvas_size,
+        seed=args.seed,
+        rows_per_file=args.rows_per_file,
+        row_group_size=args.row_group_size,
     )
     print(json.dumps(info, indent=1))
 
