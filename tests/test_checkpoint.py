@@ -164,28 +164,57 @@ def test_hand_written_bagel_checkpoint_loads_strictly(tmp_path: Path) -> None:
     folder.mkdir()
     save_file(tensors, str(folder / "ema.safetensors"))
     llm = config.llm
-    (folder / "llm_config.json").write_text(json.dumps({  # transformers 4.x style, as BAGEL ships it
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
-        "num_hidden_layers": llm.num_hidden_layers, "num_attention_heads": llm.num_attention_heads,
-        "num_key_value_heads": llm.num_key_value_heads, "head_dim": llm.head_dim,
-        "vocab_size": llm.vocab_size, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "rope_scaling": None, "sliding_window": 131072,
-        "use_sliding_window": False, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-        "transformers_version": "4.43.1",
-    }))
+    (folder / "llm_config.json").write_text(
+        json.dumps(
+            {  # transformers 4.x style, as BAGEL ships it
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "hidden_act": "silu",
+                "hidden_size": llm.hidden_size,
+                "intermediate_size": llm.intermediate_size,
+                "num_hidden_layers": llm.num_hidden_layers,
+                "num_attention_heads": llm.num_attention_heads,
+                "num_key_value_heads": llm.num_key_value_heads,
+                "head_dim": llm.head_dim,
+                "vocab_size": llm.vocab_size,
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0,
+                "rope_scaling": None,
+                "sliding_window": 131072,
+                "use_sliding_window": False,
+                "tie_word_embeddings": True,
+                "torch_dtype": "bfloat16",
+                "transformers_version": "4.43.1",
+            }
+        )
+    )
     vit = config.vit
-    (folder / "vit_config.json").write_text(json.dumps({
-        "model_type": "siglip_vision_model", "hidden_size": vit.hidden_size,
-        "intermediate_size": vit.intermediate_size, "num_hidden_layers": vit.num_hidden_layers + 1,
-        "num_attention_heads": vit.num_attention_heads, "patch_size": vit.patch_size, "image_size": 16,
-        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
-    }))
+    (folder / "vit_config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "siglip_vision_model",
+                "hidden_size": vit.hidden_size,
+                "intermediate_size": vit.intermediate_size,
+                "num_hidden_layers": vit.num_hidden_layers + 1,
+                "num_attention_heads": vit.num_attention_heads,
+                "patch_size": vit.patch_size,
+                "image_size": 16,
+                "hidden_act": "gelu_pytorch_tanh",
+                "layer_norm_eps": 1e-6,
+            }
+        )
+    )
     (folder / "ae_config.json").write_text(json.dumps(config.vae.to_dict()))
-    (folder / "bagel_config.json").write_text(json.dumps({
-        "max_latent_size": 8, "vit_max_num_patch_per_side": 8,
-        "special_tokens": config.special_tokens.to_dict(),
-    }))
+    (folder / "bagel_config.json").write_text(
+        json.dumps(
+            {
+                "max_latent_size": 8,
+                "vit_max_num_patch_per_side": 8,
+                "special_tokens": config.special_tokens.to_dict(),
+            }
+        )
+    )
     autoencoder = _model().autoencoder
     autoencoder.save_file(folder / "ae.safetensors")
 

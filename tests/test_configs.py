@@ -1,9 +1,6 @@
 """Every shipped stage config parses through the installed CLI (class paths, init args, interpolation)."""
 
 import inspect
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,20 +8,39 @@ import yaml
 
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+from helpers import run_hyperbagel
+
+ROOT = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(ROOT.rglob("*.yaml"))
+LAYERED_OVER = {"draft_head_ablations": ROOT / "shapes" / "draft_head.yaml"}  # folder -> base config
+
+
+def _holds(settings: dict, subset: dict) -> bool:
+    """Whether nested `settings` carry every value of nested `subset`."""
+    return all(
+        _holds(settings.get(key) or {}, value) if isinstance(value, dict) else settings.get(key) == value
+        for key, value in subset.items()
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses(config: Path) -> None:
-    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [script, "fit", "--config", str(config), "--print_config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    base = LAYERED_OVER.get(config.parent.name)
+    layers = [base, config] if base else [config]
+    result = run_hyperbagel(
+        "fit", *(arg for layer in layers for arg in ("--config", str(layer))), "--print_config", timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: hyperbagel." in result.stdout
+    if base:  # the override lands, the base's other settings stay, and the run writes to its own folders
+        printed = yaml.safe_load(result.stdout)
+        expected = yaml.safe_load(config.read_text())
+        assert _holds(printed["model"]["init_args"], expected["model"]["init_args"])
+        assert printed["model"]["init_args"]["draft"]["num_layers"] == 1
+        callbacks = printed["trainer"]["callbacks"]
+        assert len(callbacks) == len(expected["trainer"]["callbacks"])
+        assert all(map(_holds, callbacks, expected["trainer"]["callbacks"]))
+        assert config.stem in printed["trainer"]["logger"]["init_args"]["name"]
 
 
 EXPORT_SETTINGS = ("n_train", "n_val", "vqa_follow_ups", "canvas_size", "world_seed", "row_group_size")

@@ -20,6 +20,8 @@ from hyperbagel.callbacks.discriminator import (
 from hyperbagel.lightning_modules.manual import ManualStage
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 
+from helpers import quiet_trainer
+
 
 class ToyGAN(ManualStage):
     """Generator: the tiny backbone's `llm2vae` applied to noise; real samples: constant tokens."""
@@ -64,16 +66,7 @@ class AlwaysWins(ToyGAN):
 
 
 def _trainer(tmp_path, steps: int, callbacks: list) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        callbacks=callbacks,
-    )
+    return quiet_trainer(tmp_path, steps, callbacks)
 
 
 def _loader(length: int = 32):

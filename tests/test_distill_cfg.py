@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,8 @@ from hyperbagel.datamodules.shapes_export import export_shapes_world
 from hyperbagel.distillation.batches import GenerationBatch, edit_item, t2i_item
 from hyperbagel.distillation.generation_weights import is_generation_key
 from hyperbagel.lightning_modules.distill_cfg import CFGDistillStage
+
+from helpers import quiet_trainer, run_hyperbagel
 
 
 @pytest.fixture
@@ -199,16 +198,7 @@ def test_only_the_generation_side_and_guidance_embedders_train(teacher_dir) -> N
 
 
 def _fit(stage, data, steps: int, tmp_path: Path, loader=None) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, steps, limit_val_batches=0)
     if loader is None:
         trainer.fit(stage, datamodule=data)
     else:
@@ -315,10 +305,7 @@ trainer:
       init_args: {{dirpath: {tmp_path / "student"}}}
 """
     )
-    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
-    )
+    result = run_hyperbagel("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     student = from_pretrained(tmp_path / "student")
     assert student.has_guidance_embedders

@@ -1,14 +1,11 @@
 """DMD gradient on Gaussians with closed-form scores; stored-trajectory reuse; the DMDO stage and CLI fit."""
 
-import shutil
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -17,6 +14,8 @@ from hyperbagel.backbone.flow import add_noise, predict_x0, sampling_schedule
 from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
 from hyperbagel.distillation.dmd import dmd_gradient, dmd_loss, fake_score_loss, rerun_step, roll_trajectory
 from hyperbagel.lightning_modules.distill_dmdo import DistillDMDOStage
+
+from helpers import CountSteps, quiet_trainer, run_hyperbagel
 
 
 def gaussian_velocity(mean: torch.Tensor | float, std: float):
@@ -148,16 +147,6 @@ def _data() -> GenerationDataModule:
     return GenerationDataModule("tiny", n_train=4, n_val=2, batch_size=2)
 
 
-class CountSteps(Callback):
-    def __init__(self) -> None:
-        self.counts: list[int] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.counts = [0] * len(trainer.optimizers)
-        for i, optimizer in enumerate(trainer.optimizers):
-            optimizer.register_step_post_hook(lambda *_, i=i: self.counts.__setitem__(i, self.counts[i] + 1))
-
-
 def test_stored_step_of_the_student_reruns_exactly_in_the_stage(stage2_dir: Path) -> None:
     stage = DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir))
     stage.configure_model()
@@ -187,17 +176,7 @@ def test_dmdo_updates_the_fake_score_every_step_and_the_generator_every_kth(
     )
     counter = CountSteps()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[counter, checkpoints],
-    )
+    trainer = quiet_trainer(tmp_path, 3, [counter, checkpoints], limit_val_batches=0, num_sanity_val_steps=0)
     stage.configure_model()
     fake_before = {n: p.detach().clone() for n, p in stage.fake_score.named_parameters()}
     assert all(torch.equal(p, dict(stage.teacher.named_parameters())[n]) for n, p in fake_before.items())
@@ -237,9 +216,6 @@ trainer:
       init_args: {{dirpath: {tmp_path / "out"}}}
 """
     )
-    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
-    )
+    result = run_hyperbagel("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     assert from_pretrained(tmp_path / "out").has_guidance_embedders

@@ -20,6 +20,8 @@ from hyperbagel.speculative.features import FeatureStore
 from hyperbagel.speculative.regenerate import main as regenerate_main
 from hyperbagel.speculative.ttt import acceptance_length
 
+from helpers import quiet_trainer, run_hyperbagel
+
 
 def _greedy_without_cache(model, context, max_new_tokens):
     """Plain greedy answer by full forwards (no KV cache): the reference the regenerator must match."""
@@ -211,16 +213,7 @@ class FixedPacks(Dataset):
 
 
 def _trainer(tmp_path, steps: int, callbacks=()) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-    )
+    return quiet_trainer(tmp_path, steps, callbacks)
 
 
 def _stage(**kwargs) -> DraftHeadModule:
@@ -379,10 +372,6 @@ def test_export_every_n_steps_and_on_an_exception(tmp_path) -> None:
 def test_draft_head_fits_through_the_cli(tmp_path) -> None:
     """`hyperbagel fit` on the tiny preset and a tiny shapes export (understanding data only) logs the TTT
     scalars and the acceptance estimate and writes the head, with a vocabulary counted from the data."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -420,10 +409,7 @@ trainer:
       init_args: {{dirpath: {tmp_path / "head"}}}
 """
     )
-    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
-    )
+    result = run_hyperbagel("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     events = next((tmp_path / "logs" / "draft_head").rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events)).Reload()

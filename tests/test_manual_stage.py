@@ -13,6 +13,8 @@ from torch import nn
 from hyperbagel.callbacks.ema import EMA
 from hyperbagel.lightning_modules.manual import ManualStage, NonFiniteLossError, OptimizerSpec
 
+from helpers import CountSteps, quiet_trainer
+
 
 class TwoModels(ManualStage):
     """The tiny backbone's latent projections as "generator" plus a linear "critic", each with a loss
@@ -50,30 +52,8 @@ class TwoModels(ManualStage):
         return {"loss": self._generator_loss()}
 
 
-class CountSteps(Callback):
-    """Counts `step()` calls of every optimizer the stage owns."""
-
-    def __init__(self) -> None:
-        self.counts: list[int] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.counts = [0] * len(trainer.optimizers)
-        for i, optimizer in enumerate(trainer.optimizers):
-            optimizer.register_step_post_hook(lambda *_, i=i: self.counts.__setitem__(i, self.counts[i] + 1))
-
-
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list, **kwargs) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        **kwargs,
-    )
+    return quiet_trainer(tmp_path, max_steps, callbacks, **kwargs)
 
 
 class ResumableBatches:

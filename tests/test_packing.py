@@ -110,7 +110,8 @@ def test_rows_are_padded_and_rope_can_continue(tiny_bagel_config) -> None:
 
 
 def test_per_sample_attention_equals_block_mask_attention(tiny_bagel_config) -> None:
-    """Attending each sample alone (length-bucketed padded batches) gives the block-mask attention's outputs and gradients."""
+    """Attending each sample alone (length-bucketed padded batches) gives the block-mask attention's
+    outputs and gradients."""
     a = [TextBlock([1, 2]), VitImage(_image(8)), VaeImage(pixels=_image(), noisy=True), TextBlock([3])]
     b = [TextBlock([4, 5, 6])]
     packed = pack([[a, b], [b]], tiny_bagel_config)  # row 1 is padded

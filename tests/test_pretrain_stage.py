@@ -12,6 +12,8 @@ from hyperbagel.backbone.packing import PackedSequence, TextBlock, VaeImage, Vit
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 from hyperbagel.lightning_modules.schedules import WarmupCosineLR
 
+from helpers import quiet_trainer, run_hyperbagel
+
 
 class FixedPacks(Dataset):
     """The same few packs over and over: enough to see a real objective fall."""
@@ -42,15 +44,7 @@ class FixedPacks(Dataset):
 def _fit(stage: PretrainStage, steps: int, tmp_path) -> L.Trainer:
     stage.configure_model()
     loader = DataLoader(FixedPacks(stage.model.config), batch_size=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, steps)
     trainer.fit(stage, loader)
     return trainer
 
@@ -108,10 +102,6 @@ def test_nothing_trainable_is_refused() -> None:
 
 def test_stage0_fits_through_the_cli_with_tensorboard(tmp_path) -> None:
     """`hyperbagel fit` on a tiny model and a tiny exported shapes world writes TensorBoard scalars."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -141,10 +131,7 @@ trainer:
     init_args: {{save_dir: {tmp_path / "logs"}, name: stage0}}
 """
     )
-    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
-    )
+    result = run_hyperbagel("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     events = next((tmp_path / "logs" / "stage0").rglob("events.out.tfevents.*"))
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]

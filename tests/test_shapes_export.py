@@ -95,7 +95,9 @@ def test_vqa_jsonl(exported):
         expected_follow_ups = ShapesWorld(canvas_size=32, seed=2).follow_up_questions(
             sample.scene, 2, key=f"val|{len(ids) - 1}"
         )
-        assert [(q["value"], a["value"]) for q, a in zip(follow_ups[::2], follow_ups[1::2])] == expected_follow_ups
+        assert [
+            (q["value"], a["value"]) for q, a in zip(follow_ups[::2], follow_ups[1::2])
+        ] == expected_follow_ups
         assert len(follow_ups) == 4 and [t["from"] for t in follow_ups] == ["human", "gpt"] * 2
         image_path = out / "vqa" / "images" / row["image"]
         assert image_path.parent.name == "val" and entry["data_dir"] == str(out / "vqa" / "images")

@@ -1,8 +1,5 @@
 """TSCD: segment edges, Euler jumps, teacher + target-student targets, losses; the stage and its CLI fit."""
 
-import shutil
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from hyperbagel.distillation.tscd import (
     euler_jump,
 )
 from hyperbagel.lightning_modules.distill_tscd import DistillTSCDStage
+
+from helpers import quiet_trainer, run_hyperbagel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -134,18 +133,7 @@ def _data() -> GenerationDataModule:
 
 
 def _trainer(tmp_path: Path, steps: int, callbacks: list) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
+    return quiet_trainer(tmp_path, steps, callbacks, limit_val_batches=0, num_sanity_val_steps=0)
 
 
 def test_tscd_stage_trains_only_the_generation_side(tmp_path: Path, stage1_dir: Path) -> None:
@@ -223,10 +211,7 @@ trainer:
       init_args: {{dirpath: {tmp_path / "out"}, use_ema: true}}
 """
     )
-    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [script, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300
-    )
+    result = run_hyperbagel("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     assert from_pretrained(tmp_path / "out").has_guidance_embedders
     events = next((tmp_path / "logs" / "tscd").rglob("events.out.tfevents.*"))

@@ -58,9 +58,16 @@ def test_parameter_names_are_bagels(hf_and_ours):
     assert shapes["vision_model.embeddings.patch_embedding.weight"] == (32, 3 * PATCH * PATCH)
     assert shapes["vision_model.embeddings.patch_embedding.bias"] == (32,)
     assert shapes["vision_model.embeddings.position_embedding.weight"] == (MAX_SIDE * MAX_SIDE, 32)
-    for suffix in ("layer_norm1.weight", "self_attn.q_proj.weight", "self_attn.k_proj.bias",
-                   "self_attn.v_proj.weight", "self_attn.out_proj.bias", "layer_norm2.bias",
-                   "mlp.fc1.weight", "mlp.fc2.bias"):
+    for suffix in (
+        "layer_norm1.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight",
+        "self_attn.out_proj.bias",
+        "layer_norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc2.bias",
+    ):
         assert f"vision_model.encoder.layers.1.{suffix}" in shapes
     assert "vision_model.post_layernorm.weight" in shapes
     assert not any("head" in name for name in shapes)
@@ -82,7 +89,7 @@ def test_full_grid_image_matches_transformers(hf_and_ours):
 def test_packed_images_do_not_attend_to_each_other(hf_and_ours):
     _, ours = hf_and_ours
     torch.manual_seed(2)
-    big = torch.randn(3, 8, 8)    # 4x4 patches
+    big = torch.randn(3, 8, 8)  # 4x4 patches
     small = torch.randn(3, 4, 6)  # 2x3 patches
     with torch.no_grad():
         packed, cu_seqlens, position_ids = ours.encode_images([big, small])

@@ -86,16 +86,26 @@ def _flux_rules(num_levels: int) -> list[tuple[re.Pattern[str], Callable[[re.Mat
     FLUX numbers decoder levels from the lowest resolution up (`up.{n-1-k}` is diffusers' `up_blocks.{k}`).
     """
     return [
-        (re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)"),
-         lambda m: f"down.{m[1]}.block.{m[2]}.{_resnet_tail(m[3])}"),
-        (re.compile(r"down_blocks\.(\d+)\.downsamplers\.0\.(.+)"),
-         lambda m: f"down.{m[1]}.downsample.{m[2]}"),
-        (re.compile(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)"),
-         lambda m: f"up.{num_levels - 1 - int(m[1])}.block.{m[2]}.{_resnet_tail(m[3])}"),
-        (re.compile(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)"),
-         lambda m: f"up.{num_levels - 1 - int(m[1])}.upsample.{m[2]}"),
-        (re.compile(r"mid_block\.resnets\.(\d+)\.(.+)"),
-         lambda m: f"mid.block_{int(m[1]) + 1}.{_resnet_tail(m[2])}"),
+        (
+            re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)"),
+            lambda m: f"down.{m[1]}.block.{m[2]}.{_resnet_tail(m[3])}",
+        ),
+        (
+            re.compile(r"down_blocks\.(\d+)\.downsamplers\.0\.(.+)"),
+            lambda m: f"down.{m[1]}.downsample.{m[2]}",
+        ),
+        (
+            re.compile(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)"),
+            lambda m: f"up.{num_levels - 1 - int(m[1])}.block.{m[2]}.{_resnet_tail(m[3])}",
+        ),
+        (
+            re.compile(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)"),
+            lambda m: f"up.{num_levels - 1 - int(m[1])}.upsample.{m[2]}",
+        ),
+        (
+            re.compile(r"mid_block\.resnets\.(\d+)\.(.+)"),
+            lambda m: f"mid.block_{int(m[1]) + 1}.{_resnet_tail(m[2])}",
+        ),
         (re.compile(r"mid_block\.attentions\.0\.(.+)"), lambda m: f"mid.attn_1.{_attn_tail(m[1])}"),
     ]
 

@@ -140,9 +140,9 @@ def export_shapes_world(
                     "id": f"{name}_{i:06d}",
                     "image": relative,
                     "conversations": [
-                        message
+                        {"from": speaker, "value": value}
                         for question, answer in turns
-                        for message in ({"from": "human", "value": question}, {"from": "gpt", "value": answer})
+                        for speaker, value in (("human", question), ("gpt", answer))
                     ],
                     "category": s.category,
                     "scene": s.scene.to_json(),

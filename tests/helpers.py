@@ -1,0 +1,46 @@
+"""Helpers shared by the tests: a quiet CPU Trainer, an optimizer-step counter and the installed
+`hyperbagel` command."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def quiet_trainer(tmp_path: Path, max_steps: int, callbacks: list[Callback] = (), **options: Any) -> Trainer:
+    """A CPU Trainer in `tmp_path` with no logger, progress bar or model summary, that checkpoints only
+    when a ModelCheckpoint is among the callbacks; `options` override any Trainer argument."""
+    callbacks = list(callbacks)
+    settings = {
+        "accelerator": "cpu",
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        "default_root_dir": tmp_path,
+        "callbacks": callbacks,
+    }
+    return Trainer(**(settings | options))
+
+
+class CountSteps(Callback):
+    """Counts `step()` calls of every optimizer the stage owns (`counts[i]` for optimizer i)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.counts = [0] * len(trainer.optimizers)
+        for i, optimizer in enumerate(trainer.optimizers):
+            optimizer.register_step_post_hook(lambda *_, i=i: self.counts.__setitem__(i, self.counts[i] + 1))
+
+
+def run_hyperbagel(*args: str, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the `hyperbagel` console script installed beside this Python, capturing its output."""
+    script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
+    return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
