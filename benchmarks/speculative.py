@@ -44,14 +44,13 @@ from hyperbagel.backbone.checkpoint import from_pretrained
 from hyperbagel.backbone.inference import generate_text, prefill
 from hyperbagel.backbone.packing import Sample
 from hyperbagel.datamodules.interleaved import load_tokenizer
-from hyperbagel.datamodules.shapes import VQA_CATEGORIES, ShapesWorld, VQASample
+from hyperbagel.datamodules.shapes import SHORT_ANSWER_CATEGORIES, ShapesWorld, VQASample
 from hyperbagel.speculative.chat import chat_sample
 from hyperbagel.speculative.decoding import SpeculativeConfig, speculative_generate
 from hyperbagel.speculative.draft_head import DraftHead
 from hyperbagel.speculative.export import CONFIG_FILE, load_draft_head
 from hyperbagel.speculative.hf_reference import HFReference
 
-SHORT_CATEGORIES = tuple(c for c in VQA_CATEGORIES if c != "describe")
 DEFAULT_SWEEP_CHAIN = (2, 3, 4, 5, 6, 8)
 DEFAULT_SWEEP_TREES = ("4,4,16", "5,4,24", "6,6,32", "7,10,60")
 
@@ -124,8 +123,9 @@ def benchmark_questions(
     n_describe = round(n * describe_fraction)
     n_short = n - n_describe
     describe = world.samples("vqa", "test", n_describe + 1, category="describe")
-    pools = {c: iter(world.samples("vqa", "test", n_short, category=c)) for c in SHORT_CATEGORIES}
-    short = iter([next(pools[SHORT_CATEGORIES[i % len(SHORT_CATEGORIES)]]) for i in range(n_short)])
+    pools = {c: iter(world.samples("vqa", "test", n_short, category=c)) for c in SHORT_ANSWER_CATEGORIES}
+    cycle = SHORT_ANSWER_CATEGORIES
+    short = iter([next(pools[cycle[i % len(cycle)]]) for i in range(n_short)])
     measured = iter(describe[1:])
     questions = []
     for i in range(n):  # spread the short questions evenly among the describe ones

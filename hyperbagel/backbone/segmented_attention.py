@@ -3,8 +3,8 @@
 A training pack holds several samples that never attend to each other, so BAGEL's block mask is
 block-diagonal: one square block per sample (padding tokens see only themselves). Attending a whole row
 at once costs seq^2 whatever the mask. Gathering samples of similar length into padded batches
-[samples, longest] costs about the sum of the samples' squared lengths (several times less for a
-typical pack) in a few kernel calls, with identical results.
+[samples, longest] costs about the sum of the samples' squared lengths, in a few kernel calls, with
+identical results.
 """
 
 from __future__ import annotations

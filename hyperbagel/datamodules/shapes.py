@@ -42,7 +42,7 @@ T2I_CATEGORIES: tuple[str, ...] = (
 )
 EDIT_KINDS: tuple[str, ...] = ("recolor", "add", "remove", "move", "replace")
 VQA_CATEGORIES: tuple[str, ...] = ("color", "count", "shape", "position", "describe")
-SHORT_ANSWER_CATEGORIES: tuple[str, ...] = VQA_CATEGORIES[:4]
+SHORT_ANSWER_CATEGORIES: tuple[str, ...] = tuple(c for c in VQA_CATEGORIES if c != "describe")
 KINDS: dict[str, tuple[str, ...]] = {"t2i": T2I_CATEGORIES, "edit": EDIT_KINDS, "vqa": VQA_CATEGORIES}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 HELD_OUT_FRACTION = 0.1  # of each of val and test
