@@ -40,6 +40,7 @@ EMA_FILE = "ema.safetensors"
 AE_FILE = "ae.safetensors"
 LLM_CONFIG_FILE = "llm_config.json"
 VIT_CONFIG_FILE = "vit_config.json"
+VIT_WEIGHTS_FILE = "vit.safetensors"  # a pretrained vision encoder alone (the demo's SigLIP stand-in)
 AE_CONFIG_FILE = "ae_config.json"
 GLUE_CONFIG_FILE = "bagel_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -153,6 +154,27 @@ def save_pretrained(
 
 
 # --- reading configs -------------------------------------------------------------------------------
+def save_vision_encoder(folder: str | Path, vit_model: nn.Module, vit: SiglipVisionConfig) -> None:
+    """A pretrained encoder alone: `vit.safetensors` under BAGEL's `vit_model.*` keys (float32) and its
+    `vit_config.json` in BAGEL's convention, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {
+        f"vit_model.{k}": v.detach().float().cpu().contiguous() for k, v in vit_model.state_dict().items()
+    }
+    _write_atomic(folder / VIT_WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
+    _write_json(folder / VIT_CONFIG_FILE, vit_config_dict(vit))
+
+
+def load_vision_encoder(folder: str | Path, model: Bagel) -> None:
+    """Load a folder written by `save_vision_encoder` into `model.vit_model`; every key must match in name
+    and shape (an encoder pretrained for another preset is refused with the offending keys listed)."""
+    path = _require(Path(folder) / VIT_WEIGHTS_FILE)
+    expected = {f"vit_model.{k}": tuple(v.shape) for k, v in model.vit_model.state_dict().items()}
+    state, _, _ = _read_weights(path, expected, strict=True, device=model.device, dtype=model.dtype)
+    model.vit_model.load_state_dict({k.removeprefix("vit_model."): v for k, v in state.items()})
+
+
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in checkpoint folder {path.parent} ({path})")

@@ -30,7 +30,7 @@ from itertools import combinations
 from PIL import Image
 
 from hyperbagel.datamodules import shapes_text as text
-from hyperbagel.datamodules.shapes_scene import COLORS, SHAPES, Scene, ShapeObject, render
+from hyperbagel.datamodules.shapes_scene import COLORS, IDENTITIES, SHAPES, Scene, ShapeObject, render
 
 T2I_CATEGORIES: tuple[str, ...] = (
     "single_object",
@@ -46,7 +46,6 @@ SHORT_ANSWER_CATEGORIES: tuple[str, ...] = tuple(c for c in VQA_CATEGORIES if c 
 KINDS: dict[str, tuple[str, ...]] = {"t2i": T2I_CATEGORIES, "edit": EDIT_KINDS, "vqa": VQA_CATEGORIES}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 HELD_OUT_FRACTION = 0.1  # of each of val and test
-IDENTITIES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 _MAX_TRIES = 10_000
 _MAX_FOLLOW_UP_TRIES = 20  # per wanted pair; a scene poses only so many distinct questions
 

@@ -28,6 +28,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (245, 125, 10),
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
+IDENTITIES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 BACKGROUND_LABEL = 0
 UNKNOWN_LABEL = -1
@@ -169,6 +170,16 @@ def label_map(scene: Scene) -> np.ndarray:
     labels = np.zeros((s, s), dtype=np.int8)
     for obj in scene.objects:
         _paint(labels, obj, color_label(obj.color))
+    return labels
+
+
+def identity_map(scene: Scene) -> np.ndarray:
+    """(S, S) int8 map of which object identity covers each pixel: 0 background, 1 + the index of the
+    object's (colour, shape) in IDENTITIES (what the vision encoder learns to see)."""
+    s = scene.canvas_size
+    labels = np.zeros((s, s), dtype=np.int8)
+    for obj in scene.objects:
+        _paint(labels, obj, 1 + IDENTITIES.index(obj.identity))
     return labels
 
 

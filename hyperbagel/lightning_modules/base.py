@@ -20,7 +20,7 @@ from torch import nn
 
 from hyperbagel.backbone.autoencoder import BagelAutoencoder
 from hyperbagel.backbone.bagel import Bagel
-from hyperbagel.backbone.checkpoint import from_pretrained, load_autoencoder
+from hyperbagel.backbone.checkpoint import from_pretrained, load_autoencoder, load_vision_encoder
 from hyperbagel.backbone.config import PRESETS
 from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
 
@@ -37,6 +37,8 @@ class BagelStage(LightningModule, ABC):
         model: a preset name ("tiny", "shapes", "bagel-7b-mot": random init) or a folder in BAGEL's
             checkpoint layout.
         autoencoder: folder holding `ae.safetensors` (and `ae_config.json`), used with a preset.
+        vision_encoder: folder holding a pretrained `vit.safetensors` (the vision-encoder stage's output),
+            loaded into a preset's `vit_model` as BAGEL loads SigLIP; a checkpoint folder has its own.
         tokenizer: "shapes" or a tokenizer folder; defaults to the checkpoint's own, or "shapes" for presets.
         trainable: patterns (fnmatch) over the backbone's parameter names, i.e. BAGEL checkpoint keys such
             as "language_model.model.layers.*_moe_gen.*", that train; default every parameter that can.
@@ -50,6 +52,7 @@ class BagelStage(LightningModule, ABC):
         self,
         model: str = "tiny",
         autoencoder: str | None = None,
+        vision_encoder: str | None = None,
         tokenizer: str | None = None,
         trainable: list[str] | None = None,
         frozen: list[str] | None = None,
@@ -62,6 +65,12 @@ class BagelStage(LightningModule, ABC):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_source = model
         self.autoencoder_source = autoencoder
+        self.vision_encoder_source = vision_encoder
+        if vision_encoder is not None and model not in PRESETS:
+            raise ValueError(
+                f"vision_encoder={vision_encoder!r} applies to a preset; "
+                f"the checkpoint {model!r} has its own vit_model"
+            )
         self.trainable_patterns = trainable or ["*"]
         self.frozen_patterns = frozen or []
         self.optimizer_factory = optimizer
@@ -80,10 +89,14 @@ class BagelStage(LightningModule, ABC):
             return from_pretrained(self.model_source)
         config = load_model_config(self.model_source, self.tokenizer)
         if self.autoencoder_source is None:
-            return Bagel(config, BagelAutoencoder(config.vae))
-        autoencoder = load_autoencoder(self.autoencoder_source)
-        config.vae = autoencoder.config
-        return Bagel(config, autoencoder)
+            autoencoder = BagelAutoencoder(config.vae)
+        else:
+            autoencoder = load_autoencoder(self.autoencoder_source)
+            config.vae = autoencoder.config
+        model = Bagel(config, autoencoder)
+        if self.vision_encoder_source is not None:
+            load_vision_encoder(self.vision_encoder_source, model)
+        return model
 
     def configure_model(self) -> None:
         if self.model is not None:
