@@ -11,12 +11,11 @@ from hyperbagel.backbone.packing import TextBlock, VitImage, pack
 from hyperbagel.speculative.draft_head import DraftHead, DraftHeadConfig
 from hyperbagel.speculative.ttt import (
     DraftVocabulary,
-    TrainingCache,
+    TTTCache,
     acceptance_length,
     loss_positions,
     step_result,
     target_predictions,
-    ttt_attention_mask,
     ttt_loss,
     ttt_steps,
 )
@@ -61,18 +60,47 @@ def setup(request, tiny_bagel):
     return tiny_bagel, _draft(tiny_bagel, VARIANTS[request.param])
 
 
-def test_mask_matches_a_hand_written_matrix() -> None:
+class ConcatenatingCache:
+    """The plainest autograd-safe cache: keys/values of every call concatenated (the chained reference)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        if layer in self.keys:
+            keys = torch.cat([self.keys[layer], keys], dim=2)
+            values = torch.cat([self.values[layer], values], dim=2)
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+
+def test_ttt_cache_attention_equals_eagle3s_mask_over_every_step() -> None:
+    """Step j of TTTCache equals one SDPA over the keys of steps 0..j under EAGLE-3's hand-written mask."""
     block = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)[None]  # 0-1: an image block
-    expected = torch.tensor(
+    eagle3_mask = torch.tensor(  # step 2: [step 0 | step 1 | step 2] keys
         [
             [1, 1, 0, 1, 0, 0, 1, 0, 0],
             [1, 1, 0, 0, 1, 0, 0, 1, 0],
             [1, 1, 1, 0, 0, 1, 0, 0, 1],
         ],
         dtype=torch.bool,
+    )[None, None]
+    torch.manual_seed(0)
+    q = [torch.randn(1, 4, 3, 8) for _ in range(3)]  # 4 query heads over 2 key/value heads (GQA)
+    k = [torch.randn(1, 2, 3, 8) for _ in range(3)]
+    v = [torch.randn(1, 2, 3, 8) for _ in range(3)]
+    cache = TTTCache()
+    outputs = [cache.attend(0, q[j], k[j], v[j], block[:, None]) for j in range(3)]
+    keys, values = torch.cat(k, dim=2), torch.cat(v, dim=2)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[2], keys, values, attn_mask=eagle3_mask, enable_gqa=True
     )
-    assert torch.equal(ttt_attention_mask(block, 2), expected[None, None])
-    assert torch.equal(ttt_attention_mask(block, 0), block[:, None])
+    torch.testing.assert_close(outputs[2], expected)
+    first = torch.nn.functional.scaled_dot_product_attention(
+        q[0], k[0], v[0], attn_mask=block[:, None], enable_gqa=True
+    )
+    torch.testing.assert_close(outputs[0], first)
 
 
 def test_loss_positions_are_the_answer_tokens_whose_target_lies_in_the_block(tiny_bagel) -> None:
@@ -180,7 +208,7 @@ def test_parallel_pass_equals_sequential_drafting(setup) -> None:
 
 
 def test_gradients_through_the_concatenating_cache(setup) -> None:
-    """Gradients of the parallel pass equal those of per-position chains run on a fresh TrainingCache."""
+    """Gradients of the parallel pass equal those of per-position chains run on a concatenating cache."""
     target, draft = setup
     a, _, _ = _samples()
     packed = _pack(target, [[a]])
@@ -201,18 +229,16 @@ def test_gradients_through_the_concatenating_cache(setup) -> None:
         features = draft.fuse(states, pos)
         total = 0.0
         for k, i in enumerate(positions):
-            cache = TrainingCache(1)
+            cache = ConcatenatingCache()
             prefix = slice(0, i + 1)
             next_ids = torch.cat([ids[:, 1:], ids.new_zeros(1, 1)], dim=1)
             mask = block[:, prefix, prefix][:, None]
             logits, h = draft(features[:, prefix], next_ids[:, prefix], pos[:, prefix], cache, mask)
-            cache.commit(i + 1)
             total = total + (logits[0, -1] * weights[0, k]).sum()
             h = h[:, -1:]
             for j in range(1, NUM_STEPS):
                 mask = torch.ones(1, 1, 1, i + 1 + j, dtype=torch.bool)
                 logits, h = draft(h, ids[:, i + 1 + j : i + 2 + j], pos[:, i : i + 1] + j, cache, mask)
-                cache.commit(1)
                 total = total + (logits[0, -1] * weights[j, k]).sum()
         return total
 

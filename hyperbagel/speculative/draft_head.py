@@ -126,8 +126,11 @@ def _attend(
     cache: KVCache | None,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """RoPE, cache write and attention of [B, heads, S, hd] q/k/v, as in the target's MoTAttention."""
+    """RoPE, cache write and attention of [B, heads, S, hd] q/k/v, as in the target's MoTAttention
+    (training-time test's cache computes its own attention: `ttt.TTTCache.attend`)."""
     q, k = apply_rotary_pos_emb(q, k, *rope)
+    if hasattr(cache, "attend"):
+        return cache.attend(layer_idx, q, k, v, attention_mask).transpose(1, 2).flatten(2)
     if cache is not None:
         k, v = cache.write(layer_idx, k, v)
     out = F.scaled_dot_product_attention(

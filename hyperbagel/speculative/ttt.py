@@ -13,8 +13,8 @@ token after i). Its queries attend to the keys of all earlier steps with EAGLE-3
 
 so position i sees the real context up to i (step 0, the pack's causal / sample / image-block mask)
 and only its own chain (the diagonal of every later step), which is what its chain would see in
-decoding. Keys accumulate in `TrainingCache`, which concatenates (an in-place write into a
-preallocated buffer would break autograd). Position i of step j predicts the token at i + 2 + j.
+decoding. `TTTCache` computes exactly that attention without building the identity blocks (see there).
+Position i of step j predicts the token at i + 2 + j.
 
 Loss per step j on loss-bearing positions: KL(p_target || p_draft) over the draft vocabulary (the
 target's distribution at i + 1 + j restricted to the draft vocabulary and renormalised, as EAGLE-3
@@ -36,40 +36,40 @@ from hyperbagel.backbone.packing import PackedSequence
 from hyperbagel.speculative.vocab import draft_to_target, target_to_draft
 
 
-class TrainingCache:
-    """The draft's keys/values of the steps run so far, concatenated along the sequence (autograd-safe).
+class TTTCache:
+    """The draft's keys/values of the steps run so far; computes each step's attention itself.
 
-    Duck-types the cache a draft layer writes to: `write(layer, keys, values)` returns every key/value
-    the new queries may see (earlier steps, then the new ones); `commit` closes a step.
+    A query of step 0 attends over step 0's keys under the pack's mask. A query of step j >= 1 sees the
+    same step-0 keys plus, of every step 1..j, only its own position's key (EAGLE-3's identity blocks),
+    so those are per-position dot products here instead of S x S blocks of a (j + 1) S wide mask: step j
+    costs one S x S attention instead of j + 1 of them. Keys are kept in lists (an in-place write into a
+    preallocated buffer would break autograd). The draft's attention calls `attend` instead of SDPA.
     """
 
-    def __init__(self, batch_size: int) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.lengths = [0] * batch_size
+    def __init__(self) -> None:
+        self.context: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.chain: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def write(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.keys:
-            keys = torch.cat([self.keys[layer], keys], dim=2)
-            values = torch.cat([self.values[layer], values], dim=2)
-        self.keys[layer], self.values[layer] = keys, values
-        return keys, values
-
-    def commit(self, num_new: int) -> None:
-        self.lengths = [length + num_new for length in self.lengths]
-
-
-def ttt_attention_mask(block_mask: torch.Tensor, step: int) -> torch.Tensor:
-    """EAGLE-3's mask [B, 1, S, (step + 1) * S] for the queries of `step` over the keys of steps 0..step.
-
-    block_mask: the pack's mask [B, S, S] (True = may attend), used as is for the step-0 keys; every
-    later step contributes an identity block (a position sees only its own entry of that step).
-    """
-    seq = block_mask.shape[-1]
-    eye = torch.eye(seq, dtype=torch.bool, device=block_mask.device).expand_as(block_mask)
-    return torch.cat([block_mask, *[eye] * step], dim=-1).unsqueeze(1)
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention output [B, heads, S, hd] of this step's q [B, heads, S, hd] (k/v may have fewer heads,
+        GQA); `mask` [B, 1, S, S] is the pack's mask over the step-0 keys."""
+        groups = q.shape[1] // k.shape[1]
+        if layer not in self.context:
+            self.context[layer], self.chain[layer] = (k, v), []
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+        self.chain[layer].append((k, v))
+        k0, v0 = (t.repeat_interleave(groups, dim=1) for t in self.context[layer])
+        own_k = torch.stack([c[0] for c in self.chain[layer]]).repeat_interleave(groups, dim=2)
+        own_v = torch.stack([c[1] for c in self.chain[layer]]).repeat_interleave(groups, dim=2)
+        scale = q.shape[-1] ** -0.5
+        context_scores = (q @ k0.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        own_scores = (q.unsqueeze(0) * own_k).sum(-1).permute(1, 2, 3, 0) * scale  # [B, heads, S, j]
+        weights = torch.cat([context_scores, own_scores], dim=-1).float().softmax(-1).to(q.dtype)
+        seq = k0.shape[2]
+        own = (weights[..., seq:].permute(3, 0, 1, 2).unsqueeze(-1) * own_v).sum(0)
+        return weights[..., :seq] @ v0 + own
 
 
 def shift_left(x: torch.Tensor, offset: int, fill: int = 0) -> torch.Tensor:
@@ -94,17 +94,13 @@ def ttt_steps(
     pack's token ids and RoPE ids [B, S]; block_mask: the pack's attention mask [B, S, S]. Position i of
     step j reads the token at i + 1 + j (0 past the end: such positions never carry a loss).
     """
-    cache = TrainingCache(features.shape[0])
+    cache = TTTCache()
+    mask = block_mask.unsqueeze(1)
     hidden = features
     for step in range(num_steps):
         logits, hidden = draft(
-            hidden,
-            shift_left(input_ids, step + 1),
-            position_ids + step,
-            cache=cache,
-            attention_mask=ttt_attention_mask(block_mask, step),
+            hidden, shift_left(input_ids, step + 1), position_ids + step, cache=cache, attention_mask=mask
         )
-        cache.commit(features.shape[1])
         yield logits
 
 
