@@ -71,14 +71,18 @@ class ShapesImageDataModule(LightningDataModule):
         self.num_val = num_val
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.train_dataset: ImageTensorDataset | None = None
-        self.val_dataset: ImageTensorDataset | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def make_dataset(self, split: str, n: int) -> Dataset:
+        """The `n` items of `split` (a subclass serves other items from the same world)."""
+        return ImageTensorDataset(render_split(self.world, split, n))
 
     def setup(self, stage: str) -> None:
         if self.train_dataset is None:
-            self.train_dataset = ImageTensorDataset(render_split(self.world, "train", self.num_train))
+            self.train_dataset = self.make_dataset("train", self.num_train)
         if self.val_dataset is None:
-            self.val_dataset = ImageTensorDataset(render_split(self.world, "val", self.num_val))
+            self.val_dataset = self.make_dataset("val", self.num_val)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -9,17 +9,19 @@ dense pretraining objective needs instead: the image exactly as the teacher's Vi
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from hyperbagel.backbone.checkpoint import load_config
 from hyperbagel.backbone.config import PRESETS, BagelConfig, preset
 from hyperbagel.backbone.image_transforms import vit_input
 from hyperbagel.datamodules.shapes import ShapesWorld
+from hyperbagel.datamodules.shapes_images import ShapesImageDataModule
 from hyperbagel.datamodules.shapes_scene import Scene, identity_map, render_array
 
 
@@ -60,54 +62,18 @@ class IdentityMapDataset(Dataset):
         return pixels, labels.long()
 
 
-class ShapesVisionDataModule(LightningDataModule):
+class ShapesVisionDataModule(ShapesImageDataModule):
     """Batches of (ViT inputs `[B, 3, H, W]`, identity maps `[B, H, W]`) of shapes-world scenes.
 
     Args:
         model_config: preset name or checkpoint folder whose ViT input rules (sizes, stride) apply.
-        canvas_size / seed: the shapes world (the splits themselves do not depend on the seed).
-        num_train / num_val: scenes rendered per split (once, in `setup`).
-        batch_size / num_workers: DataLoader settings.
+        **kwargs: the world and loader settings of `ShapesImageDataModule` (canvas_size, seed, num_train,
+            num_val, batch_size, num_workers).
     """
 
-    def __init__(
-        self,
-        model_config: str = "shapes",
-        canvas_size: int = 64,
-        seed: int = 0,
-        num_train: int = 8192,
-        num_val: int = 256,
-        batch_size: int = 32,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+    def __init__(self, model_config: str = "shapes", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.config = vision_config(model_config)
-        self.world = ShapesWorld(canvas_size=canvas_size, seed=seed)
-        self.num_train = num_train
-        self.num_val = num_val
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.train_dataset: IdentityMapDataset | None = None
-        self.val_dataset: IdentityMapDataset | None = None
 
-    def setup(self, stage: str) -> None:
-        if self.train_dataset is None:
-            self.train_dataset = IdentityMapDataset(
-                vision_scenes(self.world, "train", self.num_train), self.config
-            )
-        if self.val_dataset is None:
-            self.val_dataset = IdentityMapDataset(vision_scenes(self.world, "val", self.num_val), self.config)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+    def make_dataset(self, split: str, n: int) -> IdentityMapDataset:
+        return IdentityMapDataset(vision_scenes(self.world, split, n), self.config)

@@ -28,6 +28,7 @@ from torchvision.utils import make_grid
 
 from hyperbagel.backbone.autoencoder import AutoencoderConfig, BagelAutoencoder
 from hyperbagel.backbone.config import preset
+from hyperbagel.lightning_modules.base import log_loss_terms
 
 SHAPES_AUTOENCODER = preset("shapes").vae.to_dict()  # one definition: the demo preset's autoencoder
 RECONSTRUCTION_LOSSES = ("l1", "mse")
@@ -156,17 +157,7 @@ class AutoencoderStage(LightningModule):
         return losses, recon
 
     def _log_terms(self, losses: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
-        train = stage == "train"
-        for name, value in losses.items():
-            self.log(
-                f"{stage}/{name}",
-                value.detach(),
-                on_step=train,
-                on_epoch=not train,
-                prog_bar=name in ("loss", "psnr"),
-                batch_size=batch_size,
-                sync_dist=not train,
-            )
+        log_loss_terms(self, losses, stage, batch_size, prog_bar=("loss", "psnr"))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         losses, _ = self.compute_losses(batch, sample=True)

@@ -30,6 +30,27 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
 
 
+def log_loss_terms(
+    module: LightningModule,
+    losses: dict[str, torch.Tensor],
+    stage: str,
+    batch_size: int,
+    prog_bar: tuple[str, ...] = ("loss",),
+) -> None:
+    """Log every term as `stage/name`: per step in training, as an epoch mean (synced) in validation."""
+    on_step = stage == "train"
+    for name, value in losses.items():
+        module.log(
+            f"{stage}/{name}",
+            value.detach().float() if isinstance(value, torch.Tensor) else float(value),
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=name in prog_bar,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
+
+
 class BagelStage(LightningModule, ABC):
     """A LightningModule over one shared `Bagel` backbone.
 
@@ -153,17 +174,7 @@ class BagelStage(LightningModule, ABC):
         self._log_terms(losses, "val", batch)
 
     def _log_terms(self, losses: dict[str, torch.Tensor], stage: str, batch: Any) -> None:
-        on_step = stage == "train"
-        for name, value in losses.items():
-            self.log(
-                f"{stage}/{name}",
-                value.detach().float() if isinstance(value, torch.Tensor) else float(value),
-                on_step=on_step,
-                on_epoch=not on_step,
-                prog_bar=name == "loss",
-                batch_size=self.batch_size_of(batch),
-                sync_dist=not on_step,
-            )
+        log_loss_terms(self, losses, stage, self.batch_size_of(batch))
 
     def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
         """Skip this step (no backward, no update); stop once too many come in a row."""

@@ -24,7 +24,7 @@ from hyperbagel.backbone.checkpoint import save_vision_encoder
 from hyperbagel.backbone.vision import SiglipNaViT
 from hyperbagel.datamodules.shapes_scene import IDENTITIES
 from hyperbagel.datamodules.shapes_vision import vision_config
-from hyperbagel.lightning_modules.base import default_optimizer
+from hyperbagel.lightning_modules.base import default_optimizer, log_loss_terms
 
 NUM_CLASSES = len(IDENTITIES) + 1  # background, then every (colour, shape)
 # A patch counts as showing an object (for the accuracy metric) when less than this much is background.
@@ -91,17 +91,7 @@ class VisionEncoderStage(LightningModule):
         return {"loss": loss, "foreground_patch_accuracy": accuracy}
 
     def _log_terms(self, losses: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
-        train = stage == "train"
-        for name, value in losses.items():
-            self.log(
-                f"{stage}/{name}",
-                value.detach(),
-                on_step=train,
-                on_epoch=not train,
-                prog_bar=True,
-                batch_size=batch_size,
-                sync_dist=not train,
-            )
+        log_loss_terms(self, losses, stage, batch_size, prog_bar=tuple(losses))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
