@@ -153,7 +153,6 @@ def save_pretrained(
         _save_tokenizer(tokenizer, folder)
 
 
-# --- reading configs -------------------------------------------------------------------------------
 def save_vision_encoder(folder: str | Path, vit_model: nn.Module, vit: SiglipVisionConfig) -> None:
     """A pretrained encoder alone: `vit.safetensors` under BAGEL's `vit_model.*` keys (float32) and its
     `vit_config.json` in BAGEL's convention, each written atomically."""
@@ -166,15 +165,7 @@ def save_vision_encoder(folder: str | Path, vit_model: nn.Module, vit: SiglipVis
     _write_json(folder / VIT_CONFIG_FILE, vit_config_dict(vit))
 
 
-def load_vision_encoder(folder: str | Path, model: Bagel) -> None:
-    """Load a folder written by `save_vision_encoder` into `model.vit_model`; every key must match in name
-    and shape (an encoder pretrained for another preset is refused with the offending keys listed)."""
-    path = _require(Path(folder) / VIT_WEIGHTS_FILE)
-    expected = {f"vit_model.{k}": tuple(v.shape) for k, v in model.vit_model.state_dict().items()}
-    state, _, _ = _read_weights(path, expected, strict=True, device=model.device, dtype=model.dtype)
-    model.vit_model.load_state_dict({k.removeprefix("vit_model."): v for k, v in state.items()})
-
-
+# --- reading configs -------------------------------------------------------------------------------
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in checkpoint folder {path.parent} ({path})")
@@ -241,6 +232,15 @@ def load_autoencoder(folder: str | Path) -> BagelAutoencoder:
     folder = Path(folder)
     autoencoder = BagelAutoencoder.from_file(_require(folder / AE_FILE), autoencoder_config(folder))
     return autoencoder.requires_grad_(False).eval()
+
+
+def load_vision_encoder(folder: str | Path, model: Bagel) -> None:
+    """Load a folder written by `save_vision_encoder` into `model.vit_model`; every key must match in name
+    and shape (an encoder pretrained for another preset is refused with the offending keys listed)."""
+    path = _require(Path(folder) / VIT_WEIGHTS_FILE)
+    expected = {f"vit_model.{k}": tuple(v.shape) for k, v in model.vit_model.state_dict().items()}
+    state, _, _ = _read_weights(path, expected, strict=True, device=model.device, dtype=model.dtype)
+    model.vit_model.load_state_dict({k.removeprefix("vit_model."): v for k, v in state.items()})
 
 
 def load_config(folder: str | Path) -> BagelConfig:

@@ -30,6 +30,17 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
 
 
+def optimizer_config(
+    optimizer_factory: OptimizerCallable, scheduler_factory: LRSchedulerCallable | None, params: Any
+) -> Any:
+    """What `configure_optimizers` returns for one YAML optimizer (and optional per-step scheduler)."""
+    optimizer = optimizer_factory(params)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def log_loss_terms(
     module: LightningModule,
     losses: dict[str, torch.Tensor],
@@ -146,11 +157,8 @@ class BagelStage(LightningModule, ABC):
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for _, p in self.trainable_named_parameters()])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        params = [p for _, p in self.trainable_named_parameters()]
+        return optimizer_config(self.optimizer_factory, self.scheduler_factory, params)
 
     # --- steps ---------------------------------------------------------------------------------------
     @abstractmethod

@@ -24,7 +24,7 @@ from hyperbagel.backbone.checkpoint import save_vision_encoder
 from hyperbagel.backbone.vision import SiglipNaViT
 from hyperbagel.datamodules.shapes_scene import IDENTITIES
 from hyperbagel.datamodules.shapes_vision import vision_config
-from hyperbagel.lightning_modules.base import default_optimizer, log_loss_terms
+from hyperbagel.lightning_modules.base import default_optimizer, log_loss_terms, optimizer_config
 
 NUM_CLASSES = len(IDENTITIES) + 1  # background, then every (colour, shape)
 # A patch counts as showing an object (for the accuracy metric) when less than this much is background.
@@ -67,11 +67,7 @@ class VisionEncoderStage(LightningModule):
         self.export_dir = Path(export_dir) if export_dir is not None else None
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     def compute_losses(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch

@@ -57,10 +57,12 @@ class TTTCache:
         GQA); `mask` [B, 1, S, S] is the pack's mask over the step-0 keys."""
         groups = q.shape[1] // k.shape[1]
         if layer not in self.context:
-            self.context[layer], self.chain[layer] = (k, v), []
+            # Later steps read these keys with one key/value head per query head.
+            self.context[layer] = (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+            self.chain[layer] = []
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
         self.chain[layer].append((k, v))
-        k0, v0 = (t.repeat_interleave(groups, dim=1) for t in self.context[layer])
+        k0, v0 = self.context[layer]
         own_k = torch.stack([c[0] for c in self.chain[layer]]).repeat_interleave(groups, dim=2)
         own_v = torch.stack([c[1] for c in self.chain[layer]]).repeat_interleave(groups, dim=2)
         scale = q.shape[-1] ** -0.5
