@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from hyperbagel.backbone.checkpoint import from_pretrained
 from hyperbagel.backbone.packing import PackedSequence, TextBlock, VaeImage, VitImage, pack
 from hyperbagel.callbacks.ema import EMA
-from hyperbagel.callbacks.export import BagelExport, replace_folder
+from hyperbagel.callbacks.export import BagelExport, export_run, replace_folder
 from hyperbagel.callbacks.sample_logger import SampleLogger
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 
@@ -175,6 +175,8 @@ def test_export_writes_loadable_raw_and_ema_folders(tmp_path: Path) -> None:
 
     raw = from_pretrained(tmp_path / "raw").state_dict()
     assert not (tmp_path / "raw" / "stale.txt").exists()
+    (kept,) = tmp_path.glob("raw.replaced-*")  # the unrecorded folder was kept, not deleted
+    assert (kept / "stale.txt").read_text() == "previous export"
     assert (tmp_path / "raw" / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     model_state = stage.model.state_dict()
@@ -206,6 +208,29 @@ def test_export_rejects_use_ema_without_ema(tmp_path: Path) -> None:
         trainer.fit(stage, _loader(stage, 1))
     with pytest.raises(ValueError, match="dtype"):
         BagelExport(tmp_path / "out", dtype="bf16")
+
+
+def test_export_keeps_another_runs_folder_and_replaces_its_own(tmp_path: Path) -> None:
+    stage = _stage()
+    first = BagelExport(tmp_path / "out", every_n_train_steps=1)
+    _trainer(tmp_path, [first], max_steps=3).fit(stage, _loader(stage, 3))
+    assert export_run(tmp_path / "out") == {"run_id": first.run_id, "global_step": 3}
+    assert not list(tmp_path.glob("out.replaced-*"))  # steps 1-3 of one run replace each other
+
+    probe = BagelExport(tmp_path / "out")
+    probe_trainer = _trainer(tmp_path, [probe], max_steps=1)
+    with pytest.warns(UserWarning, match="another run \\(step 3\\)"):
+        probe_trainer.fit(_stage(), _loader(stage, 1))
+    (kept,) = tmp_path.glob("out.replaced-*")
+    assert export_run(kept)["run_id"] == first.run_id
+    assert export_run(tmp_path / "out")["run_id"] == probe.run_id
+
+    probe_trainer.save_checkpoint(tmp_path / "probe.ckpt")
+    resumed = BagelExport(tmp_path / "out")
+    _trainer(tmp_path, [resumed], max_steps=2).fit(_stage(), _loader(stage, 2), ckpt_path=tmp_path / "probe.ckpt")
+    assert resumed.run_id == probe.run_id
+    assert export_run(tmp_path / "out") == {"run_id": probe.run_id, "global_step": 2}
+    assert len(list(tmp_path.glob("out.replaced-*"))) == 1
 
 
 def test_replace_folder_swaps_whole_folders(tmp_path: Path) -> None:

@@ -3,23 +3,52 @@
 The folder is what BAGEL's tooling, the next distillation stage (`model: <folder>`) and the serving
 exporters load. A new export is written next to the destination and renamed over it only when complete,
 so an interrupted export never leaves a half folder and the previous export survives until then.
+Each export records which run wrote it (`export_run.json`); a run's first export moves a folder written by
+another run aside (`<folder>.replaced-<time>`) instead of deleting it, so a short probe pointed at the same
+folder never destroys a long run's weights. A run resumed from its checkpoint keeps its identity.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from hyperbagel.backbone.checkpoint import save_pretrained
 from hyperbagel.callbacks.ema import chosen_weights, require_ema
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+EXPORT_RUN_FILE = "export_run.json"
+
+
+def export_run(folder: Path) -> dict[str, Any] | None:
+    """The `{"run_id", "global_step"}` record of the run that wrote `folder` (None when absent or unreadable)."""
+    try:
+        record = json.loads((folder / EXPORT_RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename `folder` to an unused `<folder>.replaced-<UTC time>` beside it and return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = folder.with_name(f"{folder.name}.replaced-{stamp}-{suffix}")
+    os.replace(folder, aside)
+    return aside
 
 
 def replace_folder(staging: Path, destination: Path) -> None:
@@ -47,7 +76,8 @@ class FolderExport(Callback, ABC):
         every_n_train_steps: also export every this many optimizer steps.
         on_validation: also export after every validation (not the sanity check).
 
-    Rank 0 writes; every rank waits at a barrier until it is done.
+    Rank 0 writes; every rank waits at a barrier until it is done. The run identity is callback state, so
+    it is saved in Lightning checkpoints and a resumed run goes on replacing its own exports.
     """
 
     def __init__(
@@ -68,6 +98,18 @@ class FolderExport(Callback, ABC):
         self.every_n_train_steps = every_n_train_steps
         self.on_validation = on_validation
         self._last_export_step = -1
+        self.run_id = uuid.uuid4().hex
+
+    @property
+    def state_key(self) -> str:
+        """One state per destination, so several exports can share a trainer (and its checkpoints)."""
+        return self._generate_state_key(dirpath=str(self.dirpath))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.run_id = state_dict.get("run_id", self.run_id)
 
     @abstractmethod
     def write(self, pl_module: LightningModule) -> None:
@@ -109,8 +151,22 @@ class FolderExport(Callback, ABC):
         trainer.strategy.barrier(f"{type(self).__name__}_export")
 
     def _write_chosen(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._keep_other_runs_export()
         with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
             self.write(pl_module)
+        record = {"run_id": self.run_id, "global_step": trainer.global_step}
+        (self.dirpath / EXPORT_RUN_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+    def _keep_other_runs_export(self) -> None:
+        """Move a folder that another run wrote (or that has no record) out of the way, with a warning."""
+        if not self.dirpath.exists():
+            return
+        record = export_run(self.dirpath)
+        if record is not None and record.get("run_id") == self.run_id:
+            return
+        aside = set_aside(self.dirpath)
+        written_by = f"another run (step {record.get('global_step')})" if record else "an unrecorded run"
+        rank_zero_warn(f"{self.dirpath} held an export of {written_by}; kept it as {aside}")
 
 
 class BagelExport(FolderExport):
