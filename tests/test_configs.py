@@ -6,12 +6,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hyperbagel.cli import HyperBagelCLI
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
+from hyperbagel.distillation.generation_weights import is_generation_key
 
 from helpers import run_hyperbagel
 
 ROOT = Path(__file__).parents[1] / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
+BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
 LAYERED_OVER = {"draft_head_ablations": ROOT / "shapes" / "draft_head.yaml"}  # folder -> base config
 
 
@@ -60,3 +63,27 @@ def test_shapes_configs_sharing_a_data_root_export_it_alike() -> None:
     assert by_root
     for root, settings in by_root.items():
         assert len(set(settings.values())) == 1, f"{root}: {settings}"
+
+
+STAGE_TRAINS = {  # stage class -> what trains when a config does not say
+    "hyperbagel.lightning_modules.pretrain.PretrainStage": "all",
+    "hyperbagel.lightning_modules.distill_cfg.CFGDistillStage": "generation",
+    "hyperbagel.lightning_modules.distill_tscd.DistillTSCDStage": "generation",
+    "hyperbagel.lightning_modules.distill_dmdo.DistillDMDOStage": "generation",
+}
+
+
+@pytest.mark.parametrize("class_path", sorted(STAGE_TRAINS), ids=lambda p: p.rsplit(".", 1)[1])
+def test_stage_built_by_the_cli_trains_its_default_parameters(class_path: str) -> None:
+    """LightningCLI passes `trainable: null` explicitly, so a stage's default must survive that."""
+    cli = HyperBagelCLI(
+        args=["--model", class_path, "--model.init_args.model", "tiny", "--data", BORING_DATA],
+        run=False,
+    )
+    stage = cli.model
+    stage.configure_model()
+    trained = {name.removeprefix("model.") for name, _ in stage.trainable_named_parameters()}
+    frozen_by_design = {n for n, p in stage.model.named_parameters() if n.endswith("pos_embed")}
+    everything = {n for n, _ in stage.model.named_parameters()} - frozen_by_design
+    expected = everything if STAGE_TRAINS[class_path] == "all" else set(filter(is_generation_key, everything))
+    assert trained == expected

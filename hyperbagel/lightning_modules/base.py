@@ -73,12 +73,17 @@ class BagelStage(LightningModule, ABC):
             loaded into a preset's `vit_model` as BAGEL loads SigLIP; a checkpoint folder has its own.
         tokenizer: "shapes" or a tokenizer folder; defaults to the checkpoint's own, or "shapes" for presets.
         trainable: patterns (fnmatch) over the backbone's parameter names, i.e. BAGEL checkpoint keys such
-            as "language_model.model.layers.*_moe_gen.*", that train; default every parameter that can.
+            as "language_model.model.layers.*_moe_gen.*", that train; None means the stage's
+            `default_trainable` (every parameter that can, unless a subclass says otherwise).
         frozen: patterns removed from the trainable set (e.g. "vit_model.*").
         optimizer / lr_scheduler: classes from YAML, called with the trainable parameters / optimizer.
         gradient_checkpointing: recompute decoder layers in backward to save activation memory.
         max_nonfinite_losses: consecutive non-finite losses tolerated (skipped) before the run stops.
     """
+
+    # What trains when `trainable` is None. A class attribute, not an init default, because LightningCLI
+    # passes every init argument explicitly (None included), so a subclass cannot default it through kwargs.
+    default_trainable: tuple[str, ...] = ("*",)
 
     def __init__(
         self,
@@ -103,7 +108,7 @@ class BagelStage(LightningModule, ABC):
                 f"vision_encoder={vision_encoder!r} applies to a preset; "
                 f"the checkpoint {model!r} has its own vit_model"
             )
-        self.trainable_patterns = trainable or ["*"]
+        self.trainable_patterns = list(self.default_trainable if trainable is None else trainable)
         self.frozen_patterns = frozen or []
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler

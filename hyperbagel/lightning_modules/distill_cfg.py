@@ -91,6 +91,8 @@ class CFGDistillStage(BagelStage):
             (`GENERATION_PATTERNS`, guidance embedders included).
     """
 
+    default_trainable = GENERATION_PATTERNS
+
     def __init__(
         self,
         teacher: str | None = None,
@@ -109,7 +111,6 @@ class CFGDistillStage(BagelStage):
         grid_timesteps: int = 12,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("trainable", list(GENERATION_PATTERNS))
         super().__init__(**kwargs)
         if teacher_copy not in TEACHER_COPIES:
             raise ValueError(f"teacher_copy must be one of {TEACHER_COPIES}, got {teacher_copy!r}")

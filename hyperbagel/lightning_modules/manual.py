@@ -322,6 +322,7 @@ class GenerationDistillStage(ManualStage):
         **kwargs: `ManualStage` arguments; `trainable` defaults to the generation side.
     """
 
+    default_trainable = GENERATION_PATTERNS
     unsaved_modules = ("teacher",)
 
     def __init__(
@@ -336,7 +337,6 @@ class GenerationDistillStage(ManualStage):
         grid_examples: int = 4,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("trainable", list(GENERATION_PATTERNS))
         super().__init__(**kwargs)
         if sample_steps < 1 or val_teacher_steps < 1:
             raise ValueError(
