@@ -233,6 +233,17 @@ def test_export_keeps_another_runs_folder_and_replaces_its_own(tmp_path: Path) -
     assert len(list(tmp_path.glob("out.replaced-*"))) == 1
 
 
+def test_export_writes_nothing_when_the_run_fails_before_its_first_step(tmp_path: Path) -> None:
+    class FailsAtStart(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            raise RuntimeError("set-up failed")
+
+    stage = _stage()
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        _trainer(tmp_path, [BagelExport(tmp_path / "out"), FailsAtStart()], max_steps=2).fit(stage, _loader(stage, 2))
+    assert not (tmp_path / "out").exists()
+
+
 def test_replace_folder_swaps_whole_folders(tmp_path: Path) -> None:
     old, new = tmp_path / "export", tmp_path / ".export.tmp"
     old.mkdir()

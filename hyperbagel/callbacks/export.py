@@ -66,8 +66,8 @@ def replace_folder(staging: Path, destination: Path) -> None:
 
 class FolderExport(Callback, ABC):
     """When to write an export folder: every `every_n_train_steps` optimizer steps, optionally after each
-    validation, at fit end, and (rank 0, best effort) when training stops on an exception or Ctrl-C, so a
-    stopped run keeps its latest weights. Subclasses say what to write in `write(pl_module)`.
+    validation, at fit end, and (rank 0, best effort) when training stops on an exception or Ctrl-C after
+    at least one step, so a stopped run keeps its latest weights. Subclasses say what to write in `write(pl_module)`.
 
     Args:
         dirpath: the folder to (re)write; each write replaces it only when complete.
@@ -138,7 +138,9 @@ class FolderExport(Callback, ABC):
         self.export(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self.ready(pl_module):
+        """Keep what the run trained; a run that fails before its first step has nothing to keep (writing then
+        would only leave a stage's output folder holding its untrained starting point)."""
+        if trainer.is_global_zero and trainer.global_step > 0 and self.ready(pl_module):
             self._write_chosen(trainer, pl_module)  # no barrier: the other ranks may be gone
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
