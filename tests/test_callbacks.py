@@ -227,7 +227,8 @@ def test_export_keeps_another_runs_folder_and_replaces_its_own(tmp_path: Path) -
 
     probe_trainer.save_checkpoint(tmp_path / "probe.ckpt")
     resumed = BagelExport(tmp_path / "out")
-    _trainer(tmp_path, [resumed], max_steps=2).fit(_stage(), _loader(stage, 2), ckpt_path=tmp_path / "probe.ckpt")
+    resumed_trainer = _trainer(tmp_path, [resumed], max_steps=2)
+    resumed_trainer.fit(_stage(), _loader(stage, 2), ckpt_path=tmp_path / "probe.ckpt")
     assert resumed.run_id == probe.run_id
     assert export_run(tmp_path / "out") == {"run_id": probe.run_id, "global_step": 2}
     assert len(list(tmp_path.glob("out.replaced-*"))) == 1
@@ -240,7 +241,8 @@ def test_export_writes_nothing_when_the_run_fails_before_its_first_step(tmp_path
 
     stage = _stage()
     with pytest.raises(RuntimeError, match="set-up failed"):
-        _trainer(tmp_path, [BagelExport(tmp_path / "out"), FailsAtStart()], max_steps=2).fit(stage, _loader(stage, 2))
+        trainer = _trainer(tmp_path, [BagelExport(tmp_path / "out"), FailsAtStart()], max_steps=2)
+        trainer.fit(stage, _loader(stage, 2))
     assert not (tmp_path / "out").exists()
 
 

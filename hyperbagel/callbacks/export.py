@@ -31,7 +31,7 @@ EXPORT_RUN_FILE = "export_run.json"
 
 
 def export_run(folder: Path) -> dict[str, Any] | None:
-    """The `{"run_id", "global_step"}` record of the run that wrote `folder` (None when absent or unreadable)."""
+    """The `{"run_id", "global_step"}` record of the run that wrote `folder` (None if absent or unreadable)."""
     try:
         record = json.loads((folder / EXPORT_RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -67,7 +67,8 @@ def replace_folder(staging: Path, destination: Path) -> None:
 class FolderExport(Callback, ABC):
     """When to write an export folder: every `every_n_train_steps` optimizer steps, optionally after each
     validation, at fit end, and (rank 0, best effort) when training stops on an exception or Ctrl-C after
-    at least one step, so a stopped run keeps its latest weights. Subclasses say what to write in `write(pl_module)`.
+    at least one step, so a stopped run keeps its latest weights. Subclasses say what to write in
+    `write(pl_module)`.
 
     Args:
         dirpath: the folder to (re)write; each write replaces it only when complete.
