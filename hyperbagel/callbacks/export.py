@@ -31,7 +31,7 @@ EXPORT_RUN_FILE = "export_run.json"
 
 
 def export_run(folder: Path) -> dict[str, Any] | None:
-    """The `{"run_id", "global_step"}` record of the run that wrote `folder` (None if absent or unreadable)."""
+    """The `{"run_id", "global_step"}` record of the run that wrote `folder` (None if missing/unreadable)."""
     try:
         record = json.loads((folder / EXPORT_RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
