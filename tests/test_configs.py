@@ -15,7 +15,10 @@ from helpers import run_hyperbagel
 ROOT = Path(__file__).parents[1] / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
 BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
-LAYERED_OVER = {"draft_head_ablations": ROOT / "shapes" / "draft_head.yaml"}  # folder -> base config
+LAYERED_OVER = {  # folder -> base config
+    "draft_head_ablations": ROOT / "shapes" / "draft_head.yaml",
+    "distill_ablations": ROOT / "shapes" / "distill_tscd.yaml",
+}
 
 
 def _holds(settings: dict, subset: dict) -> bool:
@@ -39,7 +42,8 @@ def test_config_parses(config: Path) -> None:
         printed = yaml.safe_load(result.stdout)
         expected = yaml.safe_load(config.read_text())
         assert _holds(printed["model"]["init_args"], expected["model"]["init_args"])
-        assert printed["model"]["init_args"]["draft"]["num_layers"] == 1
+        if "draft" in printed["model"]["init_args"]:
+            assert printed["model"]["init_args"]["draft"]["num_layers"] == 1
         callbacks = printed["trainer"]["callbacks"]
         assert len(callbacks) == len(expected["trainer"]["callbacks"])
         assert all(map(_holds, callbacks, expected["trainer"]["callbacks"]))
