@@ -15,9 +15,10 @@ from helpers import run_hyperbagel
 ROOT = Path(__file__).parents[1] / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
 BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
-LAYERED_OVER = {  # folder -> base config
-    "draft_head_ablations": ROOT / "shapes" / "draft_head.yaml",
-    "distill_ablations": ROOT / "shapes" / "distill_tscd.yaml",
+LAYERED_OVER = {  # ablation config -> the config it is layered over
+    **{path: ROOT / "shapes" / "draft_head.yaml" for path in ROOT.glob("shapes/draft_head_ablations/*.yaml")},
+    ROOT / "shapes" / "distill_ablations" / "tscd_mse.yaml": ROOT / "shapes" / "distill_tscd.yaml",
+    ROOT / "shapes" / "distill_ablations" / "dmd_sde.yaml": ROOT / "shapes" / "distill_dmdo.yaml",
 }
 
 
@@ -31,7 +32,8 @@ def _holds(settings: dict, subset: dict) -> bool:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses(config: Path) -> None:
-    base = LAYERED_OVER.get(config.parent.name)
+    base = LAYERED_OVER.get(config)
+    assert base or not config.parent.name.endswith("_ablations"), f"say what {config} is layered over"
     layers = [base, config] if base else [config]
     result = run_hyperbagel(
         "fit", *(arg for layer in layers for arg in ("--config", str(layer))), "--print_config", timeout=120
