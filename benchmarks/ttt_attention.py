@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -38,7 +39,15 @@ class DenseMaskCache:
         return keys, values
 
 
-def dense_steps(draft, features, input_ids, position_ids, block_mask, num_steps):
+def dense_steps(
+    draft: DraftHead,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    block_mask: torch.Tensor,
+    num_steps: int,
+) -> Iterator[torch.Tensor]:
+    """`ttt_steps` with EAGLE-3's mask: step j attends over j + 1 concatenated key sets."""
     cache, hidden, seq = DenseMaskCache(), features, block_mask.shape[-1]
     eye = torch.eye(seq, dtype=torch.bool).expand_as(block_mask)
     for step in range(num_steps):
