@@ -5,11 +5,12 @@ tokens), each with its own projections, norms and MLP; all tokens meet in ONE at
 mixed sequence. Parameter names follow BAGEL's checkpoint (`q_proj` / `q_proj_moe_gen`, ...), so a
 state dict loads without renaming. Tokens are routed by a boolean `gen_mask`; when it is None every
 token takes the understanding expert without any gather/scatter, which is the text-decoding hot path.
+Norms call torch's `rms_norm` (see `RMSNorm`): at the demo scale a denoising step's time is mostly
+per-operation overhead, so operations per layer count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
-    Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
 )
@@ -28,48 +28,69 @@ from hyperbagel.backbone.kv_cache import KVCache
 from hyperbagel.backbone.segmented_attention import SampleSegments
 
 
+class RMSNorm(nn.RMSNorm):
+    """Qwen2's RMSNorm as torch's `rms_norm` (same `weight` key; fewer operations a call).
+
+    Under autocast a bf16 input meets the float32 weight: it is normalised in float32 (the weight's dtype),
+    where Qwen2RMSNorm also normalises, instead of taking torch's slow mixed-dtype path with a warning.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
 def head_dim_of(config: Qwen2Config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @dataclass
 class Routing:
-    """Which flat token positions ([batch*seq]) go to which expert; built once per forward."""
+    """Which flat token positions ([batch*seq]) belong to which expert; built once per forward.
+
+    Between attentions every operation is per token, so the residual stream is held split by expert
+    (understanding rows, generation rows) through the whole stack: tokens are merged into sequence order
+    only for attention (its q/k/v) and split again after it, which is two gathers and one scatter per layer
+    instead of a gather/scatter round trip around every norm, projection and MLP.
+    """
 
     und_index: torch.Tensor
     gen_index: torch.Tensor
+    batch: int
+    seq: int
 
     @classmethod
     def from_mask(cls, gen_mask: torch.Tensor | None) -> Routing | None:
         if gen_mask is None or not bool(gen_mask.any()):
             return None
         flat = gen_mask.reshape(-1)
-        return cls(und_index=(~flat).nonzero().squeeze(1), gen_index=flat.nonzero().squeeze(1))
+        return cls(
+            und_index=(~flat).nonzero().squeeze(1),
+            gen_index=flat.nonzero().squeeze(1),
+            batch=gen_mask.shape[0],
+            seq=gen_mask.shape[1],
+        )
 
-    def apply(
-        self,
-        x: torch.Tensor,
-        und_fn: Callable[[torch.Tensor], torch.Tensor],
-        gen_fn: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """Run each expert on its tokens of x [batch, seq, dim] and put results back in order."""
-        batch, seq = x.shape[:2]
-        flat = x.reshape(batch * seq, *x.shape[2:])
-        gen_out = gen_fn(flat.index_select(0, self.gen_index))
-        out = gen_out.new_zeros(batch * seq, *gen_out.shape[1:]).index_copy(0, self.gen_index, gen_out)
-        if self.und_index.numel():
-            und_out = und_fn(flat.index_select(0, self.und_index)).to(out.dtype)
-            out = out.index_copy(0, self.und_index, und_out)
-        return out.reshape(batch, seq, *gen_out.shape[1:])
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [batch, seq, ...] -> (understanding rows [n_und, ...], generation rows [n_gen, ...])."""
+        flat = x.reshape(self.batch * self.seq, *x.shape[2:])
+        return flat.index_select(0, self.und_index), flat.index_select(0, self.gen_index)
+
+    def merge(self, und: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+        """The inverse of `split`: both experts' rows back in sequence order, [batch, seq, ...]."""
+        out = gen.new_zeros(self.batch * self.seq, *gen.shape[1:]).index_copy(0, self.gen_index, gen)
+        out = out.index_copy(0, self.und_index, und.to(out.dtype))
+        return out.view(self.batch, self.seq, *gen.shape[1:])
 
 
-def route(
-    x: torch.Tensor,
-    routing: Routing | None,
-    und_fn: Callable[[torch.Tensor], torch.Tensor],
-    gen_fn: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    return und_fn(x) if routing is None else routing.apply(x, und_fn, gen_fn)
+def split_stream(x: torch.Tensor, routing: Routing | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual stream by expert; without routing every token is the understanding expert's."""
+    return (x, None) if routing is None else routing.split(x)
+
+
+def merge_stream(und: torch.Tensor, gen: torch.Tensor | None, routing: Routing | None) -> torch.Tensor:
+    return und if routing is None else routing.merge(und, gen)
 
 
 class MoTAttention(nn.Module):
@@ -91,32 +112,30 @@ class MoTAttention(nn.Module):
             setattr(self, f"k_proj{suffix}", nn.Linear(hidden, kv_dim, bias=True))
             setattr(self, f"v_proj{suffix}", nn.Linear(hidden, kv_dim, bias=True))
             setattr(self, f"o_proj{suffix}", nn.Linear(q_dim, hidden, bias=False))
-            setattr(self, f"q_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps))
-            setattr(self, f"k_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps))
+            setattr(self, f"q_norm{suffix}", RMSNorm(self.head_dim, eps=config.rms_norm_eps))
+            setattr(self, f"k_norm{suffix}", RMSNorm(self.head_dim, eps=config.rms_norm_eps))
 
-    def _qkv(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
-        """Project, split heads and QK-normalise one expert's tokens x [n, hidden] -> [n, heads_total, hd]."""
-        n = x.shape[0]
-        q = getattr(self, f"q_norm{suffix}")(getattr(self, f"q_proj{suffix}")(x).view(n, self.num_heads, -1))
-        k = getattr(self, f"k_norm{suffix}")(
-            getattr(self, f"k_proj{suffix}")(x).view(n, self.num_kv_heads, -1)
+    def qkv(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
+        """Project, split heads, QK-normalise one expert's tokens: [..., hidden] -> [..., heads_total, hd]."""
+        lead = x.shape[:-1]
+        q = getattr(self, f"q_norm{suffix}")(
+            getattr(self, f"q_proj{suffix}")(x).view(*lead, self.num_heads, self.head_dim)
         )
-        v = getattr(self, f"v_proj{suffix}")(x).view(n, self.num_kv_heads, -1)
-        return torch.cat([q, k, v], dim=1)
+        k = getattr(self, f"k_norm{suffix}")(
+            getattr(self, f"k_proj{suffix}")(x).view(*lead, self.num_kv_heads, self.head_dim)
+        )
+        v = getattr(self, f"v_proj{suffix}")(x).view(*lead, self.num_kv_heads, self.head_dim)
+        return torch.cat([q, k, v], dim=-2)
 
-    def forward(
+    def attend(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | SampleSegments | None,
-        routing: Routing | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        if routing is None:
-            qkv = self._qkv(x.reshape(batch * seq, -1), "").view(batch, seq, -1, self.head_dim)
-        else:
-            qkv = routing.apply(x, lambda t: self._qkv(t, ""), lambda t: self._qkv(t, "_moe_gen"))
+        """Attention over all tokens: qkv [batch, seq, heads_total, hd] -> [batch, seq, heads * hd]."""
+        batch, seq = qkv.shape[:2]
         q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         cos, sin = rope
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -134,8 +153,7 @@ class MoTAttention(nn.Module):
                 enable_gqa=enable_gqa,
                 is_causal=attention_mask is None and cache is None and seq > 1,
             )
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
-        return route(out, routing, self.o_proj, self.o_proj_moe_gen)
+        return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -147,24 +165,33 @@ class MoTDecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(config)
         self.mlp_moe_gen = Qwen2MLP(config)
         eps = config.rms_norm_eps
-        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=eps)
-        self.input_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=eps)
-        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.input_layernorm_moe_gen = RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(config.hidden_size, eps=eps)
 
     def forward(
         self,
-        x: torch.Tensor,
+        und: torch.Tensor,
+        gen: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | SampleSegments | None,
         routing: Routing | None,
         cache: KVCache | None,
-    ) -> torch.Tensor:
-        normed = route(x, routing, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(normed, rope, attention_mask, routing, cache)
-        mlp_und = lambda t: self.mlp(self.post_attention_layernorm(t))  # noqa: E731
-        mlp_gen = lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t))  # noqa: E731
-        return x + route(x, routing, mlp_und, mlp_gen)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer over the expert-split residual stream (see `Routing`); returns the updated stream."""
+        attn = self.self_attn
+        qkv_und = attn.qkv(self.input_layernorm(und), "")
+        qkv_gen = None if gen is None else attn.qkv(self.input_layernorm_moe_gen(gen), "_moe_gen")
+        out_und, out_gen = split_stream(
+            attn.attend(merge_stream(qkv_und, qkv_gen, routing), rope, attention_mask, cache), routing
+        )
+        und = und + attn.o_proj(out_und)
+        und = und + self.mlp(self.post_attention_layernorm(und))
+        if gen is not None:
+            gen = gen + attn.o_proj_moe_gen(out_gen)
+            gen = gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(gen))
+        return und, gen
 
 
 @dataclass
@@ -181,8 +208,8 @@ class Qwen2MoTModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(MoTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config)
         self.gradient_checkpointing = False
 
@@ -209,18 +236,21 @@ class Qwen2MoTModel(nn.Module):
         if attention_mask is None and cache is not None:
             attention_mask = cache.attention_mask(inputs_embeds.shape[1])
         rope = self.rotary_emb(inputs_embeds, position_ids)
-        x = inputs_embeds
+        und, gen = split_stream(inputs_embeds, routing)
         hidden_states = [] if output_hidden_states else None
         for layer in self.layers:
             if hidden_states is not None:
-                hidden_states.append(x)
+                hidden_states.append(merge_stream(und, gen, routing))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, attention_mask, routing, cache, use_reentrant=False)
+                und, gen = checkpoint(
+                    layer, und, gen, rope, attention_mask, routing, cache, use_reentrant=False
+                )
             else:
-                x = layer(x, rope, attention_mask, routing, cache)
+                und, gen = layer(und, gen, rope, attention_mask, routing, cache)
         if hidden_states is not None:
-            hidden_states.append(x)
-        x = route(x, routing, self.norm, self.norm_moe_gen)
+            hidden_states.append(merge_stream(und, gen, routing))
+        und = self.norm(und)
+        x = merge_stream(und, None if gen is None else self.norm_moe_gen(gen), routing)
         return LanguageModelOutput(last_hidden_state=x, hidden_states=hidden_states)
 
 

@@ -53,13 +53,12 @@ from torch import nn
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
-    Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
 from hyperbagel.backbone.kv_cache import KVCache
-from hyperbagel.backbone.language_model import head_dim_of
+from hyperbagel.backbone.language_model import RMSNorm, head_dim_of
 from hyperbagel.speculative.vocab import draft_to_target, select_draft_vocab, target_to_draft, vocab_maps
 
 if TYPE_CHECKING:
@@ -161,8 +160,8 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(inputs, kv_dim, bias=not eagle3)
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
         if not eagle3:
-            self.q_norm = Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.qk_norm = not eagle3
 
     def forward(
@@ -193,8 +192,8 @@ class DraftDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DraftAttention(config, layer_idx)
         self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, rope: Rope, cache: KVCache | None, attention_mask: torch.Tensor | None
@@ -211,9 +210,9 @@ class Eagle3MidLayer(nn.Module):
         eps = config.rms_norm_eps
         self.self_attn = DraftAttention(config, 0, eagle3=True)
         self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=eps)
-        self.hidden_norm = Qwen2RMSNorm(config.hidden_size, eps=eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.hidden_norm = RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
 
     def forward(
         self,
@@ -240,7 +239,7 @@ class MetaQueryCrossAttention(nn.Module):
             raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {self.num_heads}")
         self.queries = nn.Parameter(torch.empty(num_queries, hidden))
         self.layer_embed = nn.Parameter(torch.empty(num_target_layers, hidden))
-        self.kv_norm = Qwen2RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.kv_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
         self.k_proj = nn.Linear(hidden, hidden, bias=False)
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
@@ -293,11 +292,11 @@ class DraftHead(nn.Module):
         if config.eagle3_compatible:
             self.midlayer = Eagle3MidLayer(llm_config)
         else:
-            self.embed_norm = Qwen2RMSNorm(hidden, eps=eps)
-            self.feature_norm = Qwen2RMSNorm(hidden, eps=eps)
+            self.embed_norm = RMSNorm(hidden, eps=eps)
+            self.feature_norm = RMSNorm(hidden, eps=eps)
             self.fc2 = nn.Linear(2 * hidden, hidden, bias=False)
             self.layers = nn.ModuleList(DraftDecoderLayer(llm_config, i) for i in range(config.num_layers))
-        self.norm = Qwen2RMSNorm(hidden, eps=eps)
+        self.norm = RMSNorm(hidden, eps=eps)
         self.lm_head = nn.Linear(hidden, draft_vocab_size, bias=False)
         self.rotary_emb = Qwen2RotaryEmbedding(llm_config)
         self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.long))
