@@ -11,8 +11,9 @@ same shifted grid and, when CFG-distilled, one pass per step with the same scale
 output works: stage 1 at its own steps, stages 2 and 3 at 6. `--deployment` adds the paper's deployment
 (the teacher prefills the contexts, the student's generation weights denoise) as `student_deployed`.
 
-Speed: `seconds_per_image_*` is measured at batch 1 on `--n-timing` prompts / edits per task after one
-warm-up call, in this run, context prefill and VAE decoding included; `speedup_*` is teacher / student.
+Speed: `seconds_per_image_*` is the median over `--n-timing` batch-1 prompts / edits per task, the models
+taking turns image by image after one warm-up call each, context prefill and VAE decoding included;
+`speedup_*` is teacher / student. `forward_cost` says where an image's time goes (see `forward_cost`).
 JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`, `geneval` (per category
 and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
 `seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`; the samplers and settings used.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,10 +32,18 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
+from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import from_pretrained
 from hyperbagel.backbone.flow import RENORM_TYPES, CFGConfig, sampling_schedule
-from hyperbagel.backbone.inference import BagelInferencer, sampling_nfe
+from hyperbagel.backbone.inference import (
+    BagelInferencer,
+    build_image_contexts,
+    initial_noise,
+    sampling_nfe,
+    t2i_context_samples,
+)
 from hyperbagel.datamodules.interleaved import load_tokenizer
 from hyperbagel.datamodules.shapes import T2I_CATEGORIES, EditSample, ShapesWorld, T2ISample
 from hyperbagel.distillation.generation_weights import (
@@ -70,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--renorm-min", type=float, default=0.0)
     parser.add_argument("--n-t2i", type=int, default=20, help="text-to-image prompts per GenEval category")
     parser.add_argument("--n-edit", type=int, default=60, help="edits (cycling through the edit kinds)")
-    parser.add_argument("--n-timing", type=int, default=4, help="batch-1 timed images per task and model")
+    parser.add_argument("--n-timing", type=int, default=8, help="batch-1 timed images per task and model")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the quality runs")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of sample 0 (sample i uses seed + i)")
     parser.add_argument("--world-seed", type=int, default=0)
@@ -96,13 +106,47 @@ def cfgs(args: argparse.Namespace) -> tuple[CFGConfig, CFGConfig]:
     return t2i, edit
 
 
-def per_image_seconds(run_one: Callable[[int], list[Image.Image]], count: int) -> float:
-    """Mean wall-clock seconds of `run_one(i)` (one image) over `count` calls after a warm-up call."""
-    run_one(0)
-    start = time.perf_counter()
+def interleaved_seconds(runs: dict[str, Callable[[int], object]], count: int) -> dict[str, float]:
+    """Median wall-clock seconds of each `runs[name](i)` over `count` calls, after one warm-up call each.
+
+    The models take turns image by image (the order rotating), so a slow phase of a shared machine hits
+    all of them alike instead of whichever happened to be timed then; the median ignores stray spikes.
+    """
+    names = list(runs)
+    for run in runs.values():
+        run(0)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(count):
-        run_one(i)
-    return (time.perf_counter() - start) / count
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            runs[name](i)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timing_runs(
+    inferencer: BagelInferencer,
+    num_timesteps: int,
+    shift: float,
+    args: argparse.Namespace,
+    t2i_samples: list[T2ISample],
+    edit_samples: list[EditSample],
+) -> dict[str, Callable[[int], object]]:
+    """One batch-1 text-to-image and one batch-1 edit call of a model, by sample index."""
+    t2i_cfg, edit_cfg = cfgs(args)
+    sampling = {"num_timesteps": num_timesteps, "timestep_shift": shift}
+
+    def t2i(i: int) -> object:
+        sample = t2i_samples[i % len(t2i_samples)]
+        return inferencer.text_to_image(sample.prompt, cfg=t2i_cfg, seed=args.seed + i, **sampling)
+
+    def edit(i: int) -> object:
+        sample = edit_samples[i % len(edit_samples)]
+        return inferencer.edit(
+            sample.source_image, sample.instruction, cfg=edit_cfg, seed=args.seed + i, **sampling
+        )
+
+    return {"t2i": t2i, "edit": edit}
 
 
 def model_report(
@@ -113,42 +157,54 @@ def model_report(
     t2i_samples: list[T2ISample],
     edit_samples: list[EditSample],
 ) -> tuple[dict[str, Any], list[Image.Image], list[Image.Image]]:
-    """The JSON entry of one model, and its text-to-image and edited images (canvas size, sample order)."""
+    """The quality part of one model's JSON entry, and its text-to-image and edited images (sample order)."""
     t2i_cfg, edit_cfg = cfgs(args)
     t2i_sampler = SamplerSettings(num_timesteps, shift, t2i_cfg)
     edit_sampler = SamplerSettings(num_timesteps, shift, edit_cfg)
     t2i = evaluate_t2i(inferencer, t2i_samples, t2i_sampler, args.batch_size, args.seed)
     edit = evaluate_edit(inferencer, edit_samples, edit_sampler, args.batch_size, args.seed)
-    sampling = {"num_timesteps": num_timesteps, "timestep_shift": shift}
-    timing_t2i = per_image_seconds(
-        lambda i: inferencer.text_to_image(
-            t2i_samples[i % len(t2i_samples)].prompt, cfg=t2i_cfg, seed=args.seed + i, **sampling
-        ),
-        args.n_timing,
-    )
-    timing_edit = per_image_seconds(
-        lambda i: inferencer.edit(
-            edit_samples[i % len(edit_samples)].source_image,
-            edit_samples[i % len(edit_samples)].instruction,
-            cfg=edit_cfg,
-            seed=args.seed + i,
-            **sampling,
-        ),
-        args.n_timing,
-    )
     grid = sampling_schedule(num_timesteps, shift)
     report = {
         "nfe_t2i": sampling_nfe(inferencer.model, grid, t2i_cfg),
         "nfe_edit": sampling_nfe(inferencer.model, grid, edit_cfg),
         "geneval": {key: t2i.scores[key] for key in ("overall", *T2I_CATEGORIES)},
         "edit": {key: edit.scores[key] for key in ("overall", "instruction", "preservation")},
-        "seconds_per_image_t2i": timing_t2i,
-        "seconds_per_image_edit": timing_edit,
         "edit_per_kind": edit.breakdown,
         "sampler": {"t2i": t2i_sampler.to_dict(), "edit": edit_sampler.to_dict()},
         "guidance_distilled": inferencer.model.has_guidance_embedders,
     }
     return report, t2i.outputs, edit.outputs
+
+
+def forward_cost(
+    model: Bagel, tokenizer: PreTrainedTokenizerBase, prompt: str, repeats: int
+) -> dict[str, Any]:
+    """Milliseconds of the pieces of an image (medians, taking turns): one noisy-block forward with 1, 2
+    and 3 rows (a distilled step, a text-CFG step, a text+image-CFG step), the prompt's prefill and the VAE
+    decode. `cfg_step_in_student_steps` (2- and 3-row forward / 1-row forward) is what the NFE ratio
+    assumes to be 2 and 3: where it is less, batching CFG's passes hides most of their cost."""
+    size = model.config.vae_max_image_size
+    grid = (size // model.config.image_stride, size // model.config.image_stride)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    timed: dict[str, Callable[[int], object]] = {}
+    with torch.no_grad():
+        for rows in (1, 2, 3):
+            contexts = build_image_contexts(model, t2i_context_samples([ids] * rows)[0], None, None, grid)
+            x = initial_noise(model, rows, grid, 0)
+            timed[f"forward_{rows}_rows"] = lambda i, c=contexts, x=x, r=rows: c.raw_velocity(x, 0.5, r)
+        conditional = t2i_context_samples([ids])[0]
+        timed["prefill"] = lambda i: build_image_contexts(model, conditional, None, None, grid)
+        tokens = initial_noise(model, 1, grid, 0)
+        timed["vae_decode"] = lambda i: model.decode_tokens(tokens, grid)
+        seconds = interleaved_seconds(timed, max(repeats, 5))
+    ms = {name: round(value * 1000, 2) for name, value in seconds.items()}
+    return {
+        "ms": ms,
+        "cfg_step_in_student_steps": {
+            "text": round(ms["forward_2_rows"] / ms["forward_1_rows"], 3),
+            "text_and_image": round(ms["forward_3_rows"] / ms["forward_1_rows"], 3),
+        },
+    }
 
 
 def comparison_rows(
@@ -198,8 +254,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             inferencer, num_timesteps, shift, args, t2i_samples, edit_samples
         )
     for task in ("t2i", "edit"):
+        runs = {
+            name: timing_runs(inferencer, num_timesteps, shift, args, t2i_samples, edit_samples)[task]
+            for name, (inferencer, num_timesteps, shift) in models.items()
+        }
+        for name, seconds in interleaved_seconds(runs, args.n_timing).items():
+            summary[name][f"seconds_per_image_{task}"] = seconds
         key = f"seconds_per_image_{task}"
         summary[f"speedup_{task}"] = summary["teacher"][key] / summary["student"][key]
+    summary["forward_cost"] = forward_cost(teacher, tokenizer, t2i_samples[0].prompt, args.n_timing)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid_path = args.out.with_name(f"{args.out.stem}_samples.png")

@@ -77,6 +77,26 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
         assert summary[f"speedup_{task}"] == pytest.approx(summary["teacher"][key] / summary["student"][key])
     # text-to-image contexts hold text only, so deployment and the plain student draw the same images
     assert summary["student_deployed"]["geneval"] == summary["student"]["geneval"]
+    cost = summary["forward_cost"]
+    assert set(cost["ms"]) == {"forward_1_rows", "forward_2_rows", "forward_3_rows", "prefill", "vae_decode"}
+    assert all(value > 0 for value in cost["ms"].values())
+    assert cost["cfg_step_in_student_steps"]["text"] == pytest.approx(
+        cost["ms"]["forward_2_rows"] / cost["ms"]["forward_1_rows"], abs=1e-3
+    )
+
+
+def test_timed_models_take_turns_and_report_medians(monkeypatch) -> None:
+    module = _benchmark()
+    clock = iter(range(1000))
+    monkeypatch.setattr(module.time, "perf_counter", lambda: float(next(clock)))
+    calls = []
+    runs = {name: (lambda i, n=name: calls.append((n, i))) for name in ("a", "b", "c")}
+    seconds = module.interleaved_seconds(runs, 3)
+    warm_up, timed = calls[:3], calls[3:]
+    assert warm_up == [("a", 0), ("b", 0), ("c", 0)]
+    assert [name for name, _ in timed] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [i for _, i in timed] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert seconds == {"a": 1.0, "b": 1.0, "c": 1.0}  # the fake clock ticks once per call
 
 
 def test_a_student_equal_to_its_teacher_scores_the_same(tmp_path: Path, tiny_bagel, shapes_tokenizer) -> None:
