@@ -9,6 +9,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from hyperbagel.cpu_precision import cpu_training_precision
+
 
 class HyperBagelCLI(LightningCLI):
     """LightningCLI with hyperbagel's defaults.
@@ -18,6 +20,7 @@ class HyperBagelCLI(LightningCLI):
     may be overwritten, so a run repeated into the same directory does not fail at the end of setup.
     Config files go through OmegaConf, so a stage config can interpolate values such as
     ``${trainer.max_steps}``; ``prog`` keeps usage messages the same under ``python -m hyperbagel``.
+    A bf16 precision on a CPU without native bf16 becomes float32 (see `hyperbagel.cpu_precision`).
     """
 
     def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
@@ -32,6 +35,11 @@ class HyperBagelCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        trainer["precision"] = cpu_training_precision(trainer.get("precision"), trainer.get("accelerator"))
 
 
 def main(args: list[str] | None = None) -> None:

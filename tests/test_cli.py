@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from hyperbagel.cli import main
+from hyperbagel.cpu_precision import cpu_training_precision
 
 BORING = "lightning.pytorch.demos.boring_classes"
 MODEL_AND_DATA = ["--model", f"{BORING}.BoringModel", "--data", f"{BORING}.BoringDataModule"]
@@ -93,3 +94,30 @@ def test_rerun_into_same_dir_overwrites_saved_config(tmp_path: Path, monkeypatch
         steps_and_dir = ["--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(root)]
         main(["fit", *MODEL_AND_DATA, "--seed_everything", "0", *steps_and_dir, *quiet, *FIT_FLAGS])
         assert yaml.safe_load((root / "config.yaml").read_text())["trainer"]["max_steps"] == steps
+
+
+@pytest.mark.parametrize(("slowdown", "expected"), [(8.0, "32-true"), (0.4, "bf16-mixed")])
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_float32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slowdown: float, expected: str
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["hyperbagel"])
+    monkeypatch.setattr("hyperbagel.cpu_precision.bf16_slowdown_on_cpu", lambda: slowdown)
+    root = tmp_path / "run"
+    quiet = "--trainer.enable_progress_bar false --trainer.enable_model_summary false".split()
+    args = ["fit", *MODEL_AND_DATA, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(root)]
+    args += ["--trainer.precision", "bf16-mixed", *quiet, *FIT_FLAGS]
+    if expected == "32-true":
+        with pytest.warns(UserWarning, match="8.0x as long as a float32 one"):
+            main(args)
+    else:
+        main(args)
+    assert yaml.safe_load((root / "config.yaml").read_text())["trainer"]["precision"] == expected
+
+
+def test_bf16_fallback_only_where_training_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hyperbagel.cpu_precision.bf16_slowdown_on_cpu", lambda: 8.0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert cpu_training_precision("32-true", "cpu") == "32-true"
+    assert cpu_training_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert cpu_training_precision("bf16-mixed", "auto") == "32-true"
