@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -79,9 +80,12 @@ def test_same_noise_per_sample_index_whatever_the_batching(tiny_bagel, shapes_to
     together = evaluate_t2i(inferencer, samples, sampler, batch_size=3, seed=5).outputs
     apart = evaluate_t2i(inferencer, samples, sampler, batch_size=1, seed=5).outputs
     assert all(image.size == (64, 64) for image in together)
-    assert [im.tobytes() for im in together] == [im.tobytes() for im in apart]
+    # same noise, same image; a matrix product may round differently at another batch size on some CPUs
+    # (AVX2 kernels), which can move a pixel by one 8-bit level, never more
+    for batched, alone in zip(together, apart):
+        assert np.abs(np.asarray(batched, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
     other_seed = evaluate_t2i(inferencer, samples[:1], sampler, batch_size=1, seed=6).outputs
-    assert other_seed[0].tobytes() != together[0].tobytes()
+    assert np.abs(np.asarray(other_seed[0], dtype=int) - np.asarray(together[0], dtype=int)).max() > 1
 
 
 class OracleInferencer:
