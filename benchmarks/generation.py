@@ -28,7 +28,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -124,17 +124,24 @@ def interleaved_seconds(runs: dict[str, Callable[[int], object]], count: int) ->
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+class ModelUnderTest(NamedTuple):
+    """A model as the benchmark samples it: its inferencer and its timestep grid."""
+
+    inferencer: BagelInferencer
+    num_timesteps: int
+    shift: float
+
+
 def timing_runs(
-    inferencer: BagelInferencer,
-    num_timesteps: int,
-    shift: float,
+    model: ModelUnderTest,
     args: argparse.Namespace,
     t2i_samples: list[T2ISample],
     edit_samples: list[EditSample],
 ) -> dict[str, Callable[[int], object]]:
     """One batch-1 text-to-image and one batch-1 edit call of a model, by sample index."""
     t2i_cfg, edit_cfg = cfgs(args)
-    sampling = {"num_timesteps": num_timesteps, "timestep_shift": shift}
+    inferencer = model.inferencer
+    sampling = {"num_timesteps": model.num_timesteps, "timestep_shift": model.shift}
 
     def t2i(i: int) -> object:
         sample = t2i_samples[i % len(t2i_samples)]
@@ -150,14 +157,13 @@ def timing_runs(
 
 
 def model_report(
-    inferencer: BagelInferencer,
-    num_timesteps: int,
-    shift: float,
+    model: ModelUnderTest,
     args: argparse.Namespace,
     t2i_samples: list[T2ISample],
     edit_samples: list[EditSample],
 ) -> tuple[dict[str, Any], list[Image.Image], list[Image.Image]]:
     """The quality part of one model's JSON entry, and its text-to-image and edited images (sample order)."""
+    inferencer, num_timesteps, shift = model
     t2i_cfg, edit_cfg = cfgs(args)
     t2i_sampler = SamplerSettings(num_timesteps, shift, t2i_cfg)
     edit_sampler = SamplerSettings(num_timesteps, shift, edit_cfg)
@@ -237,8 +243,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     edit_samples = world.samples("edit", "test", args.n_edit)
 
     models = {
-        "teacher": (BagelInferencer(teacher, tokenizer), args.teacher_timesteps, args.shift),
-        "student": (BagelInferencer(student, tokenizer), args.student_steps + 1, args.student_shift),
+        "teacher": ModelUnderTest(BagelInferencer(teacher, tokenizer), args.teacher_timesteps, args.shift),
+        "student": ModelUnderTest(
+            BagelInferencer(student, tokenizer), args.student_steps + 1, args.student_shift
+        ),
     }
     if args.deployment:
         original = from_pretrained(args.teacher)  # a copy: it gains (unused) guidance embedders
@@ -246,17 +254,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             original.add_guidance_embedders()
         weights = GenerationWeights.load(args.student, original, check_shared=True)
         deployed = DeployedInferencer(original, tokenizer, weights)
-        models["student_deployed"] = (deployed, args.student_steps + 1, args.student_shift)
+        models["student_deployed"] = ModelUnderTest(deployed, args.student_steps + 1, args.student_shift)
     summary: dict[str, Any] = {}
     t2i_images, edit_images = {}, {}
-    for name, (inferencer, num_timesteps, shift) in models.items():
+    for name, model in models.items():
         summary[name], t2i_images[name], edit_images[name] = model_report(
-            inferencer, num_timesteps, shift, args, t2i_samples, edit_samples
+            model, args, t2i_samples, edit_samples
         )
     for task in ("t2i", "edit"):
         runs = {
-            name: timing_runs(inferencer, num_timesteps, shift, args, t2i_samples, edit_samples)[task]
-            for name, (inferencer, num_timesteps, shift) in models.items()
+            name: timing_runs(model, args, t2i_samples, edit_samples)[task] for name, model in models.items()
         }
         for name, seconds in interleaved_seconds(runs, args.n_timing).items():
             summary[name][f"seconds_per_image_{task}"] = seconds
