@@ -1,0 +1,36 @@
+"""Timestep-shift probe: the whole run on the tiny preset, each shift trained and scored in turn."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from hyperbagel.datamodules.shapes import T2I_CATEGORIES
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "timestep_shift.py"
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("timestep_shift", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_trains_and_scores_each_shift(tmp_path: Path) -> None:
+    out = tmp_path / "report" / "shift.json"
+    argv = ["--shifts", "1", "6", "--out", str(out), "--preset", "tiny", "--data-root", str(tmp_path / "data")]
+    argv += ["--n", "6", "--steps", "3", "--tokens", "300", "--num-timesteps", "3", "--threads", "1"]
+    summary = _benchmark_module().main(argv)
+
+    assert json.loads(out.read_text()) == summary
+    assert [run["train_shift"] for run in summary["runs"]] == [1.0, 6.0]
+    for run in summary["runs"]:
+        assert set(run["geneval_on_training_prompts"]) == {"overall", *T2I_CATEGORIES}
+        assert 0.0 <= run["geneval_on_training_prompts"]["overall"] <= 1.0
+        assert 0.0 < run["pixel_mse_to_exact"] <= 4.0  # pixels in [-1, 1]; random weights cannot be exact
+        assert math.isfinite(run["final_train_loss"]) and run["final_train_loss"] > 0.0
+    # Same seed, same packs: only the training times differ, so the two losses differ.
+    assert summary["runs"][0]["final_train_loss"] != summary["runs"][1]["final_train_loss"]
