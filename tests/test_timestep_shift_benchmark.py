@@ -21,7 +21,8 @@ def _benchmark_module():
 
 def test_probe_trains_and_scores_each_shift(tmp_path: Path) -> None:
     out = tmp_path / "report" / "shift.json"
-    argv = ["--shifts", "1", "6", "--out", str(out), "--preset", "tiny", "--data-root", str(tmp_path / "data")]
+    argv = ["--shifts", "1", "6", "--out", str(out), "--preset", "tiny"]
+    argv += ["--data-root", str(tmp_path / "data")]
     argv += ["--n", "6", "--steps", "3", "--tokens", "300", "--num-timesteps", "3", "--threads", "1"]
     summary = _benchmark_module().main(argv)
 
