@@ -23,7 +23,6 @@ A student whose generation keys do not match the teacher's is refused with the k
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ from hyperbagel.distillation.generation_weights import (
     GenerationWeights,
     check_generation_keys,
 )
-from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, json_ready, save_grid
+from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, save_grid, write_summary
 
 GRID_COLUMNS = 6  # samples per row of the comparison grid
 
@@ -287,11 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "samples_png": str(grid_path),
     }
-    summary = json_ready(summary)
-    text = json.dumps(summary, indent=2)
-    args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return summary
+    return write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ other samplers or distilled students see the same initial noise.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +33,8 @@ from hyperbagel.evaluation.suite import (
     evaluate_edit,
     evaluate_t2i,
     evaluate_understanding,
-    json_ready,
     save_grid,
+    write_summary,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,11 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "samples_png": str(grid_path) if rows else None,
     }
-    summary = json_ready(summary)
-    text = json.dumps(summary, indent=2)
-    args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return summary
+    return write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

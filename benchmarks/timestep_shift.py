@@ -16,7 +16,6 @@ sampler's shift 3 spends a quarter of its steps there.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image
 from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.datamodules.shapes import ShapesWorld
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
-from hyperbagel.evaluation.suite import SamplerSettings, evaluate_t2i, json_ready
+from hyperbagel.evaluation.suite import SamplerSettings, evaluate_t2i, write_summary
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 
 WARMUP_STEPS = 50
@@ -135,19 +134,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     data.prepare_data()
     runs = [probe(shift, args, data) for shift in args.shifts]
-    summary = json_ready(
+    return write_summary(
         {
             "runs": runs,
             "settings": {
                 key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
             },
-        }
+        },
+        args.out,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(summary, indent=2)
-    args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return summary
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Helpers shared by the tests: a quiet CPU Trainer, an optimizer-step counter and the installed
-`hyperbagel` command."""
+"""Helpers shared by the tests: a quiet CPU Trainer, an optimizer-step counter, the installed
+`hyperbagel` command and the benchmark scripts as modules."""
 
+import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from lightning.pytorch import Callback, Trainer
@@ -44,3 +46,12 @@ def run_hyperbagel(*args: str, timeout: int = 300, cwd: Path | None = None) -> s
     """Run the `hyperbagel` console script installed beside this Python, capturing its output."""
     script = shutil.which("hyperbagel", path=str(Path(sys.executable).parent))
     return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ oracle that answers with the exact ground truth (so a mix-up of order, size or c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,14 +16,7 @@ from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.datamodules.shapes import EDIT_KINDS, T2I_CATEGORIES, VQA_CATEGORIES, ShapesWorld
 from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, evaluate_understanding
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_quality.py"
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("teacher_quality", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def _in_unit_range(value: float) -> bool:
@@ -36,7 +28,7 @@ def test_benchmark_runs_on_a_tiny_checkpoint(tmp_path: Path, tiny_bagel, shapes_
     out = tmp_path / "report" / "quality.json"
     argv = ["--model", str(tmp_path / "ckpt"), "--out", str(out), "--n-t2i", "1", "--n-edit", "2"]
     argv += ["--n-vqa", "5", "--num-timesteps", "2", "--batch-size", "4", "--threads", "1"]
-    summary = _benchmark_module().main(argv)
+    summary = load_benchmark("teacher_quality").main(argv)
 
     assert json.loads(out.read_text()) == summary
     assert set(summary["geneval"]) == {"overall", *T2I_CATEGORIES}

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 from hyperbagel.datamodules.shapes import T2I_CATEGORIES
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "timestep_shift.py"
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("timestep_shift", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_probe_trains_and_scores_each_shift(tmp_path: Path) -> None:
@@ -24,7 +16,7 @@ def test_probe_trains_and_scores_each_shift(tmp_path: Path) -> None:
     argv = ["--shifts", "1", "6", "--out", str(out), "--preset", "tiny"]
     argv += ["--data-root", str(tmp_path / "data")]
     argv += ["--n", "6", "--steps", "3", "--tokens", "300", "--num-timesteps", "3", "--threads", "1"]
-    summary = _benchmark_module().main(argv)
+    summary = load_benchmark("timestep_shift").main(argv)
 
     assert json.loads(out.read_text()) == summary
     assert [run["train_shift"] for run in summary["runs"]] == [1.0, 6.0]

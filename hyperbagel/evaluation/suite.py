@@ -10,6 +10,7 @@ nearest-neighbour sampling before scoring, since the scorers judge canvas-size i
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -209,3 +210,14 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_ready(item) for item in value]
     return value
+
+
+def write_summary(summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A benchmark's summary made JSON-ready, written to `out` (folders created) and printed; returned
+    as written, so callers and tests see exactly what the file holds."""
+    summary = json_ready(summary)
+    text = json.dumps(summary, indent=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return summary
