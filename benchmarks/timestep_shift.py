@@ -1,6 +1,7 @@
 """Which training timestep shift lets a from-scratch teacher lay out scenes at BAGEL's sampler.
 
-    python benchmarks/timestep_shift.py --shifts 1 6 --out outputs/shapes/benchmarks/timestep_shift.json
+    python benchmarks/timestep_shift.py --shifts 1 6 --autoencoder outputs/shapes/autoencoder \
+        --out outputs/shapes/benchmarks/timestep_shift.json
 
 A memorisation probe, one fresh model per shift in turn in one process: the same seed, the same `--n`
 training prompts (text-to-image only), the same `--steps` of stage 0's objective (`PretrainStage`,
@@ -41,7 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shifts", type=float, nargs="+", default=[1.0, 6.0], help="training shifts")
     parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
     parser.add_argument("--preset", default="shapes", help="model preset trained from scratch")
-    parser.add_argument("--autoencoder", help="autoencoder folder (default: a random one)")
+    parser.add_argument("--autoencoder", help="autoencoder folder (default: a random one, for tests)")
     parser.add_argument("--data-root", type=Path, default=Path("outputs/shapes/probe_data"))
     parser.add_argument("--n", type=int, default=32, help="training prompts (memorised)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per shift")
