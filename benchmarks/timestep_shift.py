@@ -22,10 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
+from hyperbagel.backbone.autoencoder import image_to_tensor
 from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.datamodules.shapes import ShapesWorld
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
@@ -80,18 +79,6 @@ def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float) -
     return losses
 
 
-def pixel_mse(images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
-    """Mean squared error of RGB pixels scaled to [-1, 1], averaged over the image pairs."""
-    errors = [
-        np.mean(
-            ((np.asarray(a.convert("RGB"), np.float32) - np.asarray(b.convert("RGB"), np.float32)) / 127.5)
-            ** 2
-        )
-        for a, b in zip(images, references, strict=True)
-    ]
-    return float(np.mean(errors))
-
-
 def probe(shift: float, args: argparse.Namespace, data: ShapesDataModule) -> dict[str, Any]:
     """Train a fresh model at one training shift and score its samples of the training prompts."""
     torch.manual_seed(args.seed)
@@ -106,10 +93,11 @@ def probe(shift: float, args: argparse.Namespace, data: ShapesDataModule) -> dic
     sampler = SamplerSettings(num_timesteps=args.num_timesteps, shift=args.sample_shift)
     result = evaluate_t2i(BagelInferencer(stage.model, stage.tokenizer), samples, sampler, seed=args.seed)
     tail = losses[-min(50, len(losses)) :]
+    exact = image_to_tensor([s.image for s in samples])
     return {
         "train_shift": shift,
         "geneval_on_training_prompts": result.scores,
-        "pixel_mse_to_exact": pixel_mse(result.outputs, [s.image for s in samples]),
+        "pixel_mse_to_exact": (image_to_tensor(result.outputs) - exact).pow(2).mean().item(),
         "final_train_loss": sum(tail) / len(tail),
         "train_s": train_seconds,
         "sample_s": result.seconds,
