@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,15 +22,9 @@ from hyperbagel.distillation.generation_weights import (
     is_generation_key,
 )
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+from helpers import load_benchmark
+
 ENTRY_KEYS = {"nfe_t2i", "nfe_edit", "geneval", "edit", "seconds_per_image_t2i", "seconds_per_image_edit"}
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("generation_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _distilled(model: Bagel) -> Bagel:
@@ -49,7 +42,7 @@ def _run(tmp_path: Path, teacher: Path, student: Path, *extra: str) -> dict:
     out = tmp_path / "report" / "generation.json"
     argv = ["--teacher", str(teacher), "--student", str(student), "--out", str(out), "--n-t2i", "1"]
     argv += ["--n-edit", "2", "--n-timing", "1", "--teacher-timesteps", "3", "--batch-size", "4", *extra]
-    summary = _benchmark().main(argv)
+    summary = load_benchmark("generation").main(argv)
     assert json.loads(out.read_text()) == summary
     assert Image.open(out.with_name("generation_samples.png")).size[0] > 0
     return summary
@@ -86,7 +79,7 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
 
 
 def test_timed_models_take_turns_and_report_medians(monkeypatch) -> None:
-    module = _benchmark()
+    module = load_benchmark("generation")
     clock = iter(range(1000))
     monkeypatch.setattr(module.time, "perf_counter", lambda: float(next(clock)))
     calls = []
