@@ -1,9 +1,11 @@
-"""Which training timestep shift lets a from-scratch teacher lay out scenes at BAGEL's sampler.
+"""Which training time distribution lets a from-scratch teacher lay out scenes at BAGEL's sampler.
 
     python benchmarks/timestep_shift.py --shifts 1 6 --autoencoder outputs/shapes/autoencoder \
         --out outputs/shapes/benchmarks/timestep_shift.json
+    python benchmarks/timestep_shift.py --shifts 6 --uniform-fractions 0 0.25 --bf16 ...
 
-A memorisation probe, one fresh model per shift in turn in one process: the same seed, the same `--n`
+A memorisation probe, one fresh model per training variant (each shift with each uniform fraction, see
+`sample_training_timesteps`) in turn in one process: the same seed, the same `--n`
 training prompts (text-to-image only), the same `--steps` of stage 0's objective (`PretrainStage`,
 AdamW as in configs/shapes/teacher.yaml with a linear warm-up and gradient clipping at 1), then those
 very prompts sampled at the sampler's settings (default BAGEL's shift 3, text CFG 4) and scored by the
@@ -11,7 +13,8 @@ strict GenEval scorer, with the pixel MSE of each sample to its exact render. A 
 reproduce images it has seen ~100 times will not generalise to test prompts either; the probe isolates
 how well the first, high-noise sampler steps (where the scene's layout is decided) were trained. Shift 1
 (BAGEL's pre-training setting) puts 1.4% of training times above t = 0.9 (shift 6: 34%), while the
-sampler's shift 3 spends a quarter of its steps there.
+sampler's shift 3 spends a quarter of its steps there; a large shift in turn hardly trains the last,
+low-noise steps, which a uniform fraction of the training times covers.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shifts", type=float, nargs="+", default=[1.0, 6.0], help="training shifts")
+    parser.add_argument(
+        "--uniform-fractions",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="shares of uniform training times, each tried with every shift",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="train under bf16 autocast (fast on CPUs with native bf16)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
     parser.add_argument("--preset", default="shapes", help="model preset trained from scratch")
     parser.add_argument("--autoencoder", help="autoencoder folder (default: a random one, for tests)")
@@ -57,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float) -> list[float]:
+def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float, bf16: bool) -> list[float]:
     """`steps` optimiser steps of the stage's own loss; returns the loss of each step."""
     params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
@@ -67,7 +80,8 @@ def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float) -
     # A fresh loader from the module's (unrecorded) start position: every shift sees the same packs.
     batches = iter(data.train_dataloader())  # infinite: the train split repeats epoch after epoch
     while len(losses) < steps:
-        loss = stage.compute_losses(next(batches), "train")["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = stage.compute_losses(next(batches), "train")["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {len(losses)}")
         optimizer.zero_grad()
@@ -79,13 +93,20 @@ def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float) -
     return losses
 
 
-def probe(shift: float, args: argparse.Namespace, data: ShapesDataModule) -> dict[str, Any]:
-    """Train a fresh model at one training shift and score its samples of the training prompts."""
+def probe(
+    shift: float, uniform_fraction: float, args: argparse.Namespace, data: ShapesDataModule
+) -> dict[str, Any]:
+    """Train a fresh model at one training time distribution and score its samples of the training prompts."""
     torch.manual_seed(args.seed)
-    stage = PretrainStage(model=args.preset, autoencoder=args.autoencoder, timestep_shift=shift)
+    stage = PretrainStage(
+        model=args.preset,
+        autoencoder=args.autoencoder,
+        timestep_shift=shift,
+        uniform_time_fraction=uniform_fraction,
+    )
     stage.configure_model()
     started = time.perf_counter()
-    losses = train(stage, data, args.steps, args.lr)
+    losses = train(stage, data, args.steps, args.lr, args.bf16)
     train_seconds = time.perf_counter() - started
 
     stage.model.eval()
@@ -96,6 +117,7 @@ def probe(shift: float, args: argparse.Namespace, data: ShapesDataModule) -> dic
     exact = image_to_tensor([s.image for s in samples])
     return {
         "train_shift": shift,
+        "uniform_time_fraction": uniform_fraction,
         "geneval_on_training_prompts": result.scores,
         "pixel_mse_to_exact": (image_to_tensor(result.outputs) - exact).pow(2).mean().item(),
         "final_train_loss": sum(tail) / len(tail),
@@ -122,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     data.prepare_data()
-    runs = [probe(shift, args, data) for shift in args.shifts]
+    runs = [
+        probe(shift, fraction, args, data) for shift in args.shifts for fraction in args.uniform_fractions
+    ]
     return write_summary(
         {
             "runs": runs,

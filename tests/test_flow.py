@@ -334,3 +334,26 @@ def test_logit_normal_training_timesteps() -> None:
     # the median of sigmoid(N(0, 1)) is 0.5, which shift 3 maps to 1.5 / 2 = 0.75
     assert shifted.median().item() == pytest.approx(0.75, abs=0.02)
     assert shifted.mean().item() > t.mean().item() + 0.1
+
+
+def test_uniform_time_fraction_trains_the_low_noise_end() -> None:
+    n = 20000
+    shifted = sample_training_timesteps(n, 6.0, generator=torch.Generator().manual_seed(4))
+    mixed = sample_training_timesteps(
+        n, 6.0, generator=torch.Generator().manual_seed(4), uniform_fraction=0.25
+    )
+    # shift 6 alone almost never trains below t = 0.2; a quarter uniform puts ~0.25 * 0.2 = 5% there
+    assert (shifted < 0.2).float().mean().item() < 0.002
+    assert (mixed < 0.2).float().mean().item() == pytest.approx(0.05, abs=0.01)
+    assert torch.all((mixed >= 0) & (mixed <= 1))
+    # fraction 0 is BAGEL's draw, unchanged; fraction 1 is uniform
+    torch.testing.assert_close(
+        sample_training_timesteps(n, 6.0, generator=torch.Generator().manual_seed(4), uniform_fraction=0.0),
+        shifted,
+    )
+    uniform = sample_training_timesteps(
+        n, 6.0, generator=torch.Generator().manual_seed(4), uniform_fraction=1.0
+    )
+    assert uniform.mean().item() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="uniform_fraction"):
+        sample_training_timesteps(4, 6.0, uniform_fraction=1.5)

@@ -381,10 +381,15 @@ class Bagel(nn.Module):
         return self.llm2vae(self.gather(output.hidden, packed.vae_index))
 
     def training_losses(
-        self, packed: PackedSequence, timestep_shift: float = 1.0, generator: torch.Generator | None = None
+        self,
+        packed: PackedSequence,
+        timestep_shift: float = 1.0,
+        generator: torch.Generator | None = None,
+        uniform_time_fraction: float = 0.0,
     ) -> TrainingLosses:
         """BAGEL's training objective on a pack: next-token CE on text blocks with loss, velocity MSE on
-        noisy latents drawn at logit-normal shifted times (clean latents enter at t = 0)."""
+        noisy latents drawn at logit-normal shifted times, `uniform_time_fraction` of them uniform instead
+        (see `sample_training_timesteps`); clean latents enter at t = 0."""
         zero = self.vae2llm.weight.sum() * 0.0  # keeps an empty loss in the graph (DDP sees every parameter)
         vae_tokens = timesteps = noisy = target = None
         if packed.vae_images:
@@ -392,7 +397,11 @@ class Bagel(nn.Module):
             token_image = packed.vae_token_image.to(self.device)
             noisy = packed.vae_noisy.to(self.device)[token_image]
             image_t = sample_training_timesteps(
-                len(packed.vae_images), timestep_shift, generator, device=self.device
+                len(packed.vae_images),
+                timestep_shift,
+                generator,
+                device=self.device,
+                uniform_fraction=uniform_time_fraction,
             )
             timesteps = torch.where(noisy, image_t[token_image], torch.zeros_like(image_t[token_image]))
             noise = torch.randn(clean.shape, generator=generator, device=self.device, dtype=clean.dtype)

@@ -27,6 +27,8 @@ class PretrainStage(BagelStage):
     Args:
         ce_weight / mse_weight: weights of the two losses in the optimised total.
         timestep_shift: shift applied to the logit-normal training times.
+        uniform_time_fraction: share of noisy images trained at a uniform time instead (0 = BAGEL's draw);
+            keeps the last, low-noise sampler steps trained under a large shift.
         val_seed: fixes validation noise and times so validation losses are comparable across epochs.
         **kwargs: everything `BagelStage` takes (model, optimizer, trainable parameters, ...).
     """
@@ -36,6 +38,7 @@ class PretrainStage(BagelStage):
         ce_weight: float = 0.25,
         mse_weight: float = 1.0,
         timestep_shift: float = 1.0,
+        uniform_time_fraction: float = 0.0,
         val_seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -43,6 +46,7 @@ class PretrainStage(BagelStage):
         self.ce_weight = ce_weight
         self.mse_weight = mse_weight
         self.timestep_shift = timestep_shift
+        self.uniform_time_fraction = uniform_time_fraction
         self.val_seed = val_seed
 
     def compute_losses(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
@@ -50,7 +54,9 @@ class PretrainStage(BagelStage):
         generator = None
         if stage == "val":
             generator = torch.Generator(device=self.device).manual_seed(self.val_seed)
-        losses = self.model.training_losses(packed, self.timestep_shift, generator)
+        losses = self.model.training_losses(
+            packed, self.timestep_shift, generator, self.uniform_time_fraction
+        )
         total = self.ce_weight * losses.ce + self.mse_weight * losses.mse
         return {
             "loss": total,
