@@ -28,7 +28,8 @@ class PretrainStage(BagelStage):
         ce_weight / mse_weight: weights of the two losses in the optimised total.
         timestep_shift: shift applied to the logit-normal training times.
         uniform_time_fraction: share of noisy images trained at a uniform time instead (0 = BAGEL's draw);
-            keeps the last, low-noise sampler steps trained under a large shift.
+            keeps the last, low-noise sampler steps trained under a large shift (on the shapes
+            memorisation probe 0.25 did worse than 0; README, "Where the teacher stands").
         val_seed: fixes validation noise and times so validation losses are comparable across epochs.
         **kwargs: everything `BagelStage` takes (model, optimizer, trainable parameters, ...).
     """
