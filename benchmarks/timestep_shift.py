@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float, bf16: bool) -> list[float]:
-    """`steps` optimiser steps of the stage's own loss; returns the loss of each step."""
+def train(
+    stage: PretrainStage,
+    data: ShapesDataModule,
+    steps: int,
+    lr: float,
+    bf16: bool,
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """`steps` optimiser steps of the stage's own loss; returns the loss of each step. `after_step(n)` is
+    called after step n (1-based), e.g. to evaluate along the way (it must restore train mode)."""
     params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
@@ -90,6 +98,8 @@ def train(stage: PretrainStage, data: ShapesDataModule, steps: int, lr: float, b
         optimizer.step()
         warmup.step()
         losses.append(loss.item())
+        if after_step is not None:
+            after_step(len(losses))
     return losses
 
 
