@@ -136,36 +136,39 @@ def probe(
     }
 
 
+def probe_data(args: argparse.Namespace, n_train: int, **mix: Any) -> ShapesDataModule:
+    """The probes' exported training data: `n_train` rows per task, the task weights and dropouts in `mix`,
+    packs of about `args.tokens` tokens, no validation split."""
+    data = ShapesDataModule(
+        model_config=args.preset,
+        data_root=str(args.data_root),
+        n_train=n_train,
+        n_val=0,
+        expected_tokens=args.tokens,
+        max_tokens=int(args.tokens * 1.25),
+        max_tokens_per_sample=min(600, args.tokens),
+        seed=args.seed,
+        **mix,
+    )
+    data.prepare_data()
+    return data
+
+
+def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Write the runs and the settings they ran with to `args.out`; returns the summary."""
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    return write_summary({"runs": runs, "settings": settings}, args.out)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = ShapesDataModule(
-        model_config=args.preset,
-        data_root=str(args.data_root),
-        n_train=args.n,
-        n_val=0,
-        edit_weight=0.0,
-        vqa_weight=0.0,
-        expected_tokens=args.tokens,
-        max_tokens=int(args.tokens * 1.25),
-        max_tokens_per_sample=min(600, args.tokens),
-        vae_dropout=0.1,
-        seed=args.seed,
-    )
-    data.prepare_data()
+    data = probe_data(args, args.n, edit_weight=0.0, vqa_weight=0.0, vae_dropout=0.1)
     runs = [
         probe(shift, fraction, args, data) for shift in args.shifts for fraction in args.uniform_fractions
     ]
-    return write_summary(
-        {
-            "runs": runs,
-            "settings": {
-                key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-            },
-        },
-        args.out,
-    )
+    return summarise(runs, args)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.datamodules.shapes import ShapesWorld, VQASample
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
 from hyperbagel.datamodules.shapes_scene import Scene
-from hyperbagel.evaluation.suite import evaluate_understanding, write_summary
+from hyperbagel.evaluation.suite import evaluate_understanding
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timestep_shift import train  # noqa: E402  (the generation probe's loop: one optimiser for both probes)
+from timestep_shift import probe_data, summarise, train  # noqa: E402  (shared with the generation probe)
 
 FROZEN = {"trainable_vit": [], "frozen_vit": ["vit_model.*"]}
 
@@ -112,24 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = ShapesDataModule(
-        model_config=args.preset,
-        data_root=str(args.data_root),
-        n_train=args.n_train,
-        n_val=0,
-        t2i_weight=0.0,
-        edit_weight=0.0,
-        vqa_weight=1.0,
-        vqa_follow_ups=args.follow_ups,
-        expected_tokens=args.tokens,
-        max_tokens=int(args.tokens * 1.25),
-        max_tokens_per_sample=min(600, args.tokens),
-        seed=args.seed,
-    )
-    data.prepare_data()
-    runs = [probe(variant, args, data) for variant in args.variants]
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    return write_summary({"runs": runs, "settings": settings}, args.out)
+    mix = {"t2i_weight": 0.0, "edit_weight": 0.0, "vqa_weight": 1.0, "vqa_follow_ups": args.follow_ups}
+    data = probe_data(args, args.n_train, **mix)
+    return summarise([probe(variant, args, data) for variant in args.variants], args)
 
 
 if __name__ == "__main__":

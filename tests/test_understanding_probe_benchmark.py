@@ -51,19 +51,6 @@ def test_frozen_variant_leaves_the_vision_encoder_untouched(tmp_path: Path) -> N
         return losses
 
     probe.train = spy
-    data = probe.ShapesDataModule(
-        model_config="tiny",
-        data_root=str(args.data_root),
-        n_train=8,
-        n_val=0,
-        t2i_weight=0.0,
-        edit_weight=0.0,
-        vqa_weight=1.0,
-        vqa_follow_ups=1,
-        expected_tokens=400,
-        max_tokens=500,
-        max_tokens_per_sample=400,
-    )
-    data.prepare_data()
+    data = probe.probe_data(args, 8, t2i_weight=0.0, edit_weight=0.0, vqa_weight=1.0, vqa_follow_ups=1)
     probe.probe("frozen_vit", args, data)
     assert trained == {"vit_changed": False, "llm_trains": True}
