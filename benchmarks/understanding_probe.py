@@ -47,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="shapes", help="model preset trained from scratch")
     parser.add_argument("--autoencoder", help="autoencoder folder (default: a random one, for tests)")
     parser.add_argument("--vision-encoder", help="pretrained ViT folder (default: a random ViT)")
-    parser.add_argument("--data-root", type=Path, default=Path("outputs/shapes/probe_data"))
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("outputs/shapes/probe_data_understanding")
+    )  # not the generation probe's folder: each would re-export the other's rows
     parser.add_argument("--n-train", type=int, default=20000, help="understanding rows to train on")
     parser.add_argument("--n", type=int, default=100, help="test questions scored at each evaluation")
     parser.add_argument("--follow-ups", type=int, default=3, help="extra questions per training row")
