@@ -110,10 +110,10 @@ def word_prior_accuracy(train: Sequence[Row], test: Sequence[Row]) -> float:
 
 def build_model(name: str, preset_name: str) -> nn.Module:
     """A from-scratch causal language model of the preset's sizes."""
-    config = preset(preset_name)
+    bagel_config = preset(preset_name)
     if name == "bagel":
-        return Bagel(config).language_model  # the project's own initialisation
-    config = Qwen2Config(**{key: getattr(config.llm, key) for key in QWEN2_SIZES})
+        return Bagel(bagel_config).language_model  # the project's own initialisation
+    config = Qwen2Config(**{key: getattr(bagel_config.llm, key) for key in QWEN2_SIZES})
     config.tie_word_embeddings = False
     return Qwen2ForCausalLM(config)
 
