@@ -9,8 +9,8 @@ builds that model from `torch.nn.TransformerEncoder` (prompt tokens and image to
 full attention, the flow time's embedding added to the image tokens, learned positions), trains it with
 stage 0's flow objective (logit-normal times with `--shift`, velocity MSE, 10% prompt dropout for CFG,
 AdamW with warm-up and a cosine over the wall-clock budget, bf16 autocast) on the shapes world's
-training prompts, then samples the test prompts at BAGEL's default sampler (50 grid points, shift 3,
-text CFG 4 over (0, 1], global renorm: `teacher_quality.py`'s defaults; sample i from noise seed `--seed + i`) and scores them
+training prompts, then samples the test prompts at `teacher_quality.py`'s default sampler (50 grid
+points, shift 3, text CFG 4 over (0, 1], global renorm; sample i from noise seed `--seed + i`) and scores them
 with the same strict GenEval scorer, with and without CFG. It is the yardstick for the teacher: the same
 data, scorer, sampler and machine, with none of BAGEL's architecture. `--space latent` trains it in the
 demo autoencoder's latent space instead (tokens of `--latent-patch` x `--latent-patch` latent pixels).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ PROMPT_DROPOUT = 0.1
 WARMUP_STEPS = 200
 MIN_LR_RATIO = 0.05
 ENCODE_BATCH = 500
+LOG_EVERY = 250  # steps between progress lines on stderr
 
 
 class DenseFlowTransformer(nn.Module):
@@ -175,6 +177,11 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if len(losses) % LOG_EVERY == 0:
+            recent = sum(losses[-LOG_EVERY:]) / LOG_EVERY
+            print(
+                f"step {len(losses)}  {elapsed / 60:.1f} min  loss {recent:.4f}", file=sys.stderr, flush=True
+            )
     tail = losses[-min(200, len(losses)) :]
     return {
         "steps": len(losses),
