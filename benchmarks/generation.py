@@ -14,6 +14,7 @@ output works: stage 1 at its own steps, stages 2 and 3 at 6. `--deployment` adds
 Speed: `seconds_per_image_*` is the median over `--n-timing` batch-1 prompts / edits per task, the models
 taking turns image by image after one warm-up call each, context prefill and VAE decoding included;
 `speedup_*` is teacher / student. `forward_cost` says where an image's time goes (see `forward_cost`).
+`--dtype bfloat16` runs every model in BAGEL's own inference dtype (exports are stored in float32).
 JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`, `geneval` (per category
 and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
 `seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`; the samplers and settings used.
@@ -53,6 +54,7 @@ from hyperbagel.distillation.generation_weights import (
 from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, save_grid, write_summary
 
 GRID_COLUMNS = 6  # samples per row of the comparison grid
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -86,6 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--canvas-size", type=int, default=64)
     parser.add_argument("--tokenizer", help="'shapes' or a tokenizer folder (default: the teacher folder's)")
     parser.add_argument("--deployment", action="store_true", help="also run the teacher-prefill deployment")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="cast every model to this dtype (default: as stored)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.student_steps < 1 or args.teacher_timesteps < 2:
@@ -232,8 +237,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
-    teacher = from_pretrained(args.teacher)
-    student = from_pretrained(args.student)
+    dtype = DTYPES.get(args.dtype)
+    teacher = from_pretrained(args.teacher, dtype=dtype)
+    student = from_pretrained(args.student, dtype=dtype)
     own = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
     shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
     check_generation_keys(own, shapes, args.student, candidate_adds_guidance=True)
@@ -248,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ),
     }
     if args.deployment:
-        original = from_pretrained(args.teacher)  # a copy: it gains (unused) guidance embedders
+        # A copy of the teacher: it gains (unused) guidance embedders.
+        original = from_pretrained(args.teacher, dtype=dtype)
         if student.has_guidance_embedders:
             original.add_guidance_embedders()
         weights = GenerationWeights.load(args.student, original, check_shared=True)
@@ -284,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "world_seed": args.world_seed,
         "canvas_size": args.canvas_size,
         "threads": torch.get_num_threads(),
+        "dtype": str(teacher.dtype).removeprefix("torch."),
         "samples_png": str(grid_path),
     }
     return write_summary(summary, args.out)

@@ -68,6 +68,7 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
     for task in ("t2i", "edit"):
         key = f"seconds_per_image_{task}"
         assert summary[f"speedup_{task}"] == pytest.approx(summary["teacher"][key] / summary["student"][key])
+    assert summary["settings"]["dtype"] == "float32"  # as stored
     # text-to-image contexts hold text only, so deployment and the plain student draw the same images
     assert summary["student_deployed"]["geneval"] == summary["student"]["geneval"]
     cost = summary["forward_cost"]
@@ -93,8 +94,12 @@ def test_timed_models_take_turns_and_report_medians(monkeypatch) -> None:
 
 
 def test_a_student_equal_to_its_teacher_scores_the_same(tmp_path: Path, tiny_bagel, shapes_tokenizer) -> None:
+    """Also in bfloat16, where both models are cast alike."""
     save_pretrained(tiny_bagel, tmp_path / "teacher", tokenizer=shapes_tokenizer)
-    summary = _run(tmp_path, tmp_path / "teacher", tmp_path / "teacher", "--student-steps", "2")
+    summary = _run(
+        tmp_path, tmp_path / "teacher", tmp_path / "teacher", "--student-steps", "2", "--dtype", "bfloat16"
+    )
+    assert summary["settings"]["dtype"] == "bfloat16"
     for key in ("nfe_t2i", "nfe_edit", "geneval", "edit"):
         assert summary["student"][key] == summary["teacher"][key]
 

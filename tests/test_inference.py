@@ -143,3 +143,20 @@ def test_bfloat16_model_runs_every_path(tiny_bagel, shapes_tokenizer) -> None:
     assert difference.mean() < 8.0  # out of 255: bf16 rounding, not a different image
     assert inferencer.edit(_picture("red"), "make it blue", num_timesteps=3, seed=0)[0].size == (16, 16)
     assert isinstance(inferencer.chat("what color is it ?", [_picture("red")], max_new_tokens=3)[0], str)
+
+
+def test_cached_noisy_block_equals_the_same_tokens_in_one_full_forward(tiny_bagel) -> None:
+    """The sampler's query of a noisy block against a cached prompt gives the velocity that the noisy image
+    gets inside one packed forward with that prompt."""
+    grid = (4, 4)
+    prompt = [TextBlock([30, 31, 32, 33])]
+    x = initial_noise(tiny_bagel, 1, grid, seed=5)
+    t = torch.tensor(0.7)
+    latents = tiny_bagel.tokens_to_latents(x, grid)[0]
+    full = pack([[prompt + [VaeImage(latents=latents, noisy=True)]]], tiny_bagel.config)
+    with torch.no_grad():
+        output = tiny_bagel.forward_packed(full, x[0], t.expand(x.shape[1]))
+        reference = tiny_bagel.velocity(output, full)
+        queried = build_image_contexts(tiny_bagel, [prompt], None, None, grid).raw_velocity(x, t, 1)[0]
+    assert reference.abs().max() > 1e-3
+    torch.testing.assert_close(queried, reference, atol=1e-5, rtol=1e-5)
