@@ -8,12 +8,13 @@ Issue 3 quotes, "for scale", a dense 8-layer, 256-wide pixel-space transformer w
 builds that model from `torch.nn.TransformerEncoder` (prompt tokens and image tokens in one sequence,
 full attention, the flow time's embedding added to the image tokens, learned positions), trains it with
 stage 0's flow objective (logit-normal times with `--shift`, velocity MSE, 10% prompt dropout for CFG,
-AdamW with warm-up and a cosine over the wall-clock budget, bf16 autocast) on the shapes world's
-training prompts, then samples the test prompts at `teacher_quality.py`'s default sampler (50 grid
-points, shift 3, text CFG 4 over (0, 1], global renorm; sample i from noise seed `--seed + i`) and scores them
-with the same strict GenEval scorer, with and without CFG. It is the yardstick for the teacher: the same
-data, scorer, sampler and machine, with none of BAGEL's architecture. `--space latent` trains it in the
-demo autoencoder's latent space instead (tokens of `--latent-patch` x `--latent-patch` latent pixels).
+AdamW with warm-up and a cosine over the wall-clock budget, bf16 autocast where the CPU runs it natively)
+on the shapes world's training prompts, then samples the test prompts at `teacher_quality.py`'s default
+sampler (50 grid points, shift 3, text CFG 4 over (0, 1], global renorm; sample i from noise seed
+`--seed + i`) and scores them with the same strict GenEval scorer, with and without CFG. It is the
+yardstick for the teacher: the same data, scorer, sampler and machine, with none of BAGEL's architecture.
+`--space latent` trains it in the demo autoencoder's latent space instead (tokens of `--latent-patch` x
+`--latent-patch` latent pixels).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from hyperbagel.backbone.flow import (
     sampling_schedule,
     velocity_target,
 )
+from hyperbagel.cpu_precision import cpu_training_precision
 from hyperbagel.datamodules.shapes import ShapesWorld, T2ISample
 from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
 from hyperbagel.evaluation.geneval import geneval_scores
@@ -116,7 +118,8 @@ def encode_prompts(
 
 
 class ImageTokens:
-    """Images <-> the model's tokens: 8x8-pixel patches, or patches of the autoencoder's latents."""
+    """Images <-> the model's tokens: 8x8-pixel patches (pixels in [-1, 1], as the autoencoder takes
+    them), or patches of the autoencoder's latents."""
 
     def __init__(self, autoencoder: BagelAutoencoder | None, latent_patch: int, canvas: int) -> None:
         self.autoencoder = autoencoder
@@ -244,10 +247,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-timesteps", type=int, default=50, help="sampling grid points")
     parser.add_argument("--sample-shift", type=float, default=3.0, help="timestep shift of the sampler")
     parser.add_argument("--text-scale", type=float, default=4.0, help="text CFG scale of `geneval`")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast (default: where this CPU runs bf16 natively, as the CLI decides)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.bf16 is None:
+        args.bf16 = cpu_training_precision("bf16-mixed", "cpu") == "bf16-mixed"
     if args.space == "latent" and not args.autoencoder:
         parser.error("--space latent needs --autoencoder")
     if args.minutes <= 0 or args.max_steps < 1 or args.n_train < 1 or args.n_test < 1:
