@@ -127,6 +127,7 @@ class ImageTokens:
         side = canvas // autoencoder.config.downsample_factor if autoencoder is not None else canvas
         self.grid = side // self.patch
         self.channels = autoencoder.config.z_channels if autoencoder is not None else 3
+        self.token_dim = self.channels * self.patch**2
 
     @torch.no_grad()
     def encode(self, samples: Sequence[T2ISample]) -> torch.Tensor:
@@ -201,14 +202,13 @@ def sample(
     prompts: tuple[torch.Tensor, torch.Tensor],
     null_prompt: tuple[torch.Tensor, torch.Tensor],
     sampler: SamplerSettings,
-    token_dim: int,
     args: argparse.Namespace,
 ) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] for the prompts; sample i starts from noise seed `args.seed + i`."""
     model.eval()
     ids, mask = prompts
     null_ids, null_mask = (part.expand(len(ids), -1) for part in null_prompt)
-    shape = (image_tokens.grid**2, token_dim)
+    shape = (image_tokens.grid**2, image_tokens.token_dim)
     noise = torch.stack(
         [torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + i)) for i in range(len(ids))]
     )
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg = CFGConfig(text_scale=scale, interval=(0.0, 1.0), renorm_type="global")
         sampler = SamplerSettings(args.num_timesteps, args.sample_shift, cfg)
         started = time.perf_counter()
-        pixels = sample(model, image_tokens, test_prompts, null_prompt, sampler, tokens.shape[-1], args)
+        pixels = sample(model, image_tokens, test_prompts, null_prompt, sampler, args)
         images[name] = [to_canvas(image, world.canvas_size) for image in tensor_to_pil(pixels)]
         scores[name] = geneval_scores(images[name], test_samples)
         run[f"{name}_sample_s"] = time.perf_counter() - started

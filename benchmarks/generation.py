@@ -44,6 +44,7 @@ from hyperbagel.backbone.inference import (
     sampling_nfe,
     t2i_context_samples,
 )
+from hyperbagel.callbacks.export import EXPORT_DTYPES
 from hyperbagel.datamodules.interleaved import load_tokenizer
 from hyperbagel.datamodules.shapes import T2I_CATEGORIES, EditSample, ShapesWorld, T2ISample
 from hyperbagel.distillation.generation_weights import (
@@ -54,7 +55,6 @@ from hyperbagel.distillation.generation_weights import (
 from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, save_grid, write_summary
 
 GRID_COLUMNS = 6  # samples per row of the comparison grid
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="'shapes' or a tokenizer folder (default: the teacher folder's)")
     parser.add_argument("--deployment", action="store_true", help="also run the teacher-prefill deployment")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="cast every model to this dtype (default: as stored)"
+        "--dtype", choices=sorted(EXPORT_DTYPES), help="cast every model to this dtype (default: as stored)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
-    dtype = DTYPES.get(args.dtype)
+    dtype = EXPORT_DTYPES.get(args.dtype)
     teacher = from_pretrained(args.teacher, dtype=dtype)
     student = from_pretrained(args.student, dtype=dtype)
     own = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
