@@ -19,8 +19,9 @@ tokens_per_s counts the tokens each decoder produced, a closing `<|im_end|>` inc
 tokens per target forward (bonus token counted) over all rounds of all prompts. `identical_fraction`:
 prompts whose chain AND tree answers equal plain greedy's.
 
-`--sweep` first tries several chain lengths and tree sizes on `--sweep-prompts` prompts and measures with
-the fastest (on a CPU verifying more tokens is not free); every tried setting is recorded.
+`--sweep` first tries several chain lengths (each with every `--sweep-chain-min-probs` stop threshold)
+and tree sizes on `--sweep-prompts` prompts and measures with the fastest (on a CPU verifying more tokens
+is not free); every tried setting is recorded.
 An ablation row's `ce_weight` is read from the head folder's `config.json` (`hyperbagel_training`); it is
 null when the folder does not record it.
 """
@@ -51,7 +52,8 @@ from hyperbagel.speculative.draft_head import DraftHead
 from hyperbagel.speculative.export import CONFIG_FILE, load_draft_head
 from hyperbagel.speculative.hf_reference import HFReference
 
-DEFAULT_SWEEP_CHAIN = (2, 3, 4, 5, 6, 8)
+DEFAULT_SWEEP_CHAIN = (2, 4, 6, 8, 12, 16)
+DEFAULT_SWEEP_MIN_PROBS = (0.0, 0.4)
 DEFAULT_SWEEP_TREES = ("4,4,16", "5,4,24", "6,6,32", "7,10,60")
 
 Decoder = Callable[[Sample], tuple[list[int], int]]  # answer ids, target forwards (0: not counted)
@@ -87,13 +89,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-prompts", type=int, default=40, help="measured prompts")
     parser.add_argument("--describe-fraction", type=float, default=0.75, help="share of describe prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--chain-steps", type=int, default=5, help="chain drafts per round")
+    parser.add_argument("--chain-steps", type=int, default=5, help="most chain drafts per round")
+    parser.add_argument(
+        "--chain-min-prob", type=float, default=0.0,
+        help="stop a chain round at a draft probability below this (SpeculativeConfig.chain_min_prob)",
+    )  # fmt: skip
     parser.add_argument("--tree-depth", type=int, default=5)
     parser.add_argument("--tree-top-k", type=int, default=4)
     parser.add_argument("--tree-total-tokens", type=int, default=24, help="verified per forward")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens")
     parser.add_argument("--sweep", action="store_true", help="pick chain steps and tree size by speed first")
     parser.add_argument("--sweep-chain-steps", type=int, nargs="+", default=list(DEFAULT_SWEEP_CHAIN))
+    parser.add_argument(
+        "--sweep-chain-min-probs", type=float, nargs="+", default=list(DEFAULT_SWEEP_MIN_PROBS),
+        help="chain_min_prob values, each tried with every --sweep-chain-steps",
+    )  # fmt: skip
     parser.add_argument(
         "--sweep-trees", type=_tree, nargs="+", default=[_tree(t) for t in DEFAULT_SWEEP_TREES],
         metavar="DEPTH,TOP_K,TOTAL",
@@ -211,7 +221,11 @@ def sweep(
     samples: Sequence[Sample],
 ) -> tuple[SpeculativeConfig, dict[str, Any]]:
     """Try the sweep's chain lengths and trees; return the base config with the fastest of each."""
-    chains = {f"chain:{k}": replace(base, mode="chain", num_steps=k) for k in args.sweep_chain_steps}
+    chains = {
+        f"chain:{k}" + (f",p>={p}" if p else ""): replace(base, mode="chain", num_steps=k, chain_min_prob=p)
+        for p in args.sweep_chain_min_probs
+        for k in args.sweep_chain_steps
+    }
     trees = {
         f"tree:{d},{k},{t}": replace(base, mode="tree", tree_depth=d, tree_top_k=k, tree_total_tokens=t)
         for d, k, t in args.sweep_trees
@@ -225,7 +239,7 @@ def sweep(
     def row(name: str) -> dict[str, Any]:
         config, tally = configs[name], tallies[name]
         shape = (
-            {"num_steps": config.num_steps}
+            {"num_steps": config.num_steps, "chain_min_prob": config.chain_min_prob}
             if config.mode == "chain"
             else {
                 "tree_depth": config.tree_depth,
@@ -240,6 +254,7 @@ def sweep(
     chosen = replace(
         base,
         num_steps=configs[best_chain].num_steps,
+        chain_min_prob=configs[best_chain].chain_min_prob,
         tree_depth=configs[best_tree].tree_depth,
         tree_top_k=configs[best_tree].tree_top_k,
         tree_total_tokens=configs[best_tree].tree_total_tokens,
@@ -302,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = SpeculativeConfig(
         mode="chain",
         num_steps=args.chain_steps,
+        chain_min_prob=args.chain_min_prob,
         tree_depth=args.tree_depth,
         tree_top_k=args.tree_top_k,
         tree_total_tokens=args.tree_total_tokens,
@@ -361,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "n_describe": sum(q.category == "describe" for q in questions),
             "max_new_tokens": budget,
             "chain_steps": chain.num_steps,
+            "chain_min_prob": chain.chain_min_prob,
             "tree_depth": tree.tree_depth,
             "tree_top_k": tree.tree_top_k,
             "tree_total_tokens": tree.tree_total_tokens,

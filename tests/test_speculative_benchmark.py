@@ -224,17 +224,27 @@ def test_sweep_records_every_setting_and_measures_with_the_fastest(
     teacher, draft, _ = _checkpoints(tmp_path, sharp_bagel, shapes_tokenizer)
     argv = ["--model", str(teacher), "--draft", str(draft), "--out", str(tmp_path / "s.json")]
     argv += ["--n-prompts", "1", "--max-new-tokens", "4", "--threads", "1", "--sweep"]
-    argv += ["--sweep-chain-steps", "1", "2", "--sweep-trees", "2,2,3", "2,3,5", "--sweep-prompts", "1"]
+    argv += ["--sweep-chain-steps", "1", "2", "--sweep-chain-min-probs", "0", "0.5"]
+    argv += ["--sweep-trees", "2,2,3", "2,3,5", "--sweep-prompts", "1"]
     summary = _benchmark().main(argv)
     sweep, settings = summary["sweep"], summary["settings"]
-    assert [row["num_steps"] for row in sweep["chain"]] == [1, 2]
+    assert [(row["num_steps"], row["chain_min_prob"]) for row in sweep["chain"]] == [
+        (1, 0.0),
+        (2, 0.0),
+        (1, 0.5),
+        (2, 0.5),
+    ]
     assert [(r["tree_depth"], r["tree_top_k"], r["tree_total_tokens"]) for r in sweep["tree"]] == [
         (2, 2, 3),
         (2, 3, 5),
     ]
     fastest_chain = max(sweep["chain"], key=lambda row: row["tokens_per_s"])
     fastest_tree = max(sweep["tree"], key=lambda row: row["tokens_per_s"])
-    assert sweep["best_chain"] == fastest_chain and settings["chain_steps"] == fastest_chain["num_steps"]
+    assert sweep["best_chain"] == fastest_chain
+    assert (settings["chain_steps"], settings["chain_min_prob"]) == (
+        fastest_chain["num_steps"],
+        fastest_chain["chain_min_prob"],
+    )
     assert sweep["best_tree"] == fastest_tree
     assert (settings["tree_top_k"], settings["tree_total_tokens"]) == (
         fastest_tree["tree_top_k"],

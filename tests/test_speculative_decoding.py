@@ -134,6 +134,33 @@ def test_greedy_is_plain_greedy_and_tau_is_exact(tiny_bagel, config, drafter):
     assert stats.target_time_s > 0 and stats.draft_time_s > 0
 
 
+@pytest.mark.parametrize("drafter", ["oracle", "wrong"])
+def test_chain_min_prob_stops_unsure_drafts_before_the_target_verifies_them(tiny_bagel, drafter):
+    """The scripted oracle is sure of every token (kept, full rounds); the wrong drafter is unsure of
+    all (every round drafts nothing, so the draft only runs to extend its cache)."""
+    config = SpeculativeConfig(mode="chain", num_steps=3, chain_min_prob=0.5)
+    max_new = 3 * (config.num_steps + 1)
+    answer, _, cursor = _reference(tiny_bagel, TEXT, max_new)
+    specials = tiny_bagel.config.special_tokens
+    sequence = [specials.im_start, *answer, specials.im_end]
+    vocab = tiny_bagel.config.llm.vocab_size
+    draft = ScriptedDraft(tiny_bagel, _script(vocab, cursor, sequence, [drafter == "oracle"] * len(sequence)))
+    with torch.no_grad():
+        answers, stats = speculative_generate(tiny_bagel, draft, [TEXT], config, max_new)
+    assert answers == [answer]
+    if drafter == "oracle":
+        assert stats.target_forwards == 3
+    else:
+        assert stats.target_forwards == max_new
+        assert len(draft.calls) == max_new  # the start, then one extension after every round but the last
+
+
+@pytest.mark.parametrize("min_prob", [-0.1, 1.0])
+def test_chain_min_prob_must_be_a_probability_below_one(min_prob):
+    with pytest.raises(ValueError, match="chain_min_prob"):
+        SpeculativeConfig(chain_min_prob=min_prob)
+
+
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
 @pytest.mark.parametrize("aggregation", ["meta_query", "eagle3"])
 def test_chat_over_a_vit_image_equals_plain_chat(tiny_bagel, shapes_tokenizer, config, aggregation):
@@ -516,11 +543,12 @@ def _exact_two_token_law(target: Bagel, temperature: float, top_p: float) -> dic
     "config",
     [
         SpeculativeConfig(mode="chain", num_steps=2, temperature=0.9, top_p=0.9),
+        SpeculativeConfig(mode="chain", num_steps=2, chain_min_prob=0.99, temperature=0.9, top_p=0.9),
         SpeculativeConfig(
             mode="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=5, temperature=0.9, top_p=0.9
         ),
     ],
-    ids=["chain", "tree"],
+    ids=["chain", "chain_min_prob", "tree"],
 )
 def test_sampled_answers_follow_plain_sampling(small_vocab_bagel, config):
     """A deliberately bad drafter (confident random proposals) over thousands of seeded draws: the
@@ -540,4 +568,7 @@ def test_sampled_answers_follow_plain_sampling(small_vocab_bagel, config):
             counts[tuple(answer)] = counts.get(tuple(answer), 0) + 1
             forwards += stats.target_forwards
     _check_counts(counts, law, draws)
-    assert draws < forwards < 2 * draws  # some drafts accepted, some rejected
+    if config.chain_min_prob:  # no draft is sure enough: every token costs its own target forward
+        assert forwards == sum(n * (len(answer) + (len(answer) < 2)) for answer, n in counts.items())
+    else:
+        assert draws < forwards < 2 * draws  # some drafts accepted, some rejected

@@ -206,7 +206,7 @@ class ChatModule(LightningModule):
         draft: draft-head folder (`export_draft_head`); None decodes plainly (batched `generate_text`).
         tokenizer: "shapes" or a tokenizer folder; default the checkpoint's own.
         max_new_tokens: answer length cap.
-        mode / num_steps / tree_depth / tree_top_k / tree_total_tokens: `SpeculativeConfig`.
+        mode / num_steps / chain_min_prob / tree_depth / tree_top_k / tree_total_tokens: `SpeculativeConfig`.
         temperature / top_p: 0 = greedy (speculative output then identical to plain); > 0 samples.
         seed: sampling seed of the first prompt (prompt i uses seed + i).
         dtype: "float32" / "bfloat16" / "float16"; default as stored.
@@ -221,6 +221,7 @@ class ChatModule(LightningModule):
         max_new_tokens: int = 256,
         mode: Literal["chain", "tree"] = "chain",
         num_steps: int = 5,
+        chain_min_prob: float = 0.0,
         tree_depth: int = 5,
         tree_top_k: int = 4,
         tree_total_tokens: int = 24,
@@ -240,6 +241,7 @@ class ChatModule(LightningModule):
         self.speculative = SpeculativeConfig(
             mode=mode,
             num_steps=num_steps,
+            chain_min_prob=chain_min_prob,
             tree_depth=tree_depth,
             tree_top_k=tree_top_k,
             tree_total_tokens=tree_total_tokens,

@@ -12,8 +12,9 @@ pack's block mask, so image blocks stay bidirectional), its last position pairin
 the pending token of a fresh answer.
 
 One round:
-- chain: k draft steps from the last entry (each fed the previous step's hidden state and drafted token;
-  entries are committed to the draft cache while drafting and rolled back afterwards), then ONE target
+- chain: up to k draft steps from the last entry (each fed the previous step's hidden state and drafted
+  token; entries are committed to the draft cache while drafting and rolled back afterwards; with
+  `chain_min_prob` drafting stops early where the draft is unsure), then ONE target
   forward over [pending, d_1..d_k] (commit=False). The longest prefix the target agrees with is accepted
   and the target's token after it (the bonus) becomes the new pending token;
 - tree: EAGLE-2's dynamic tree (`hyperbagel.speculative.tree`), verified in one forward with tree
@@ -58,13 +59,18 @@ if TYPE_CHECKING:
 class SpeculativeConfig:
     """How to draft and how to accept.
 
-    num_steps: chain drafts per round. tree_depth: most drafted tokens on one path; tree_top_k: children
-    per expanded node and nodes expanded per depth; tree_total_tokens: tokens verified per target forward,
-    the pending token included (EAGLE's total_token). temperature 0 = greedy (exactly lossless); > 0
-    samples, with nucleus top_p, like `generate_text`."""
+    num_steps: most chain drafts per round. chain_min_prob: a chain round stops drafting at the first
+    step whose most likely token has draft probability below this, so that rounds run long through
+    predictable text and the target does not verify likely rejections; 0 always drafts num_steps. The
+    stop is decided from the draft's distribution before a token is drawn, so acceptance stays exact.
+    tree_depth: most drafted tokens on one path; tree_top_k: children per expanded node and nodes
+    expanded per depth; tree_total_tokens: tokens verified per target forward, the pending token
+    included (EAGLE's total_token). temperature 0 = greedy (exactly lossless); > 0 samples, with
+    nucleus top_p, like `generate_text`."""
 
     mode: Literal["chain", "tree"] = "chain"
     num_steps: int = 5
+    chain_min_prob: float = 0.0
     tree_depth: int = 5
     tree_top_k: int = 4
     tree_total_tokens: int = 24
@@ -81,6 +87,8 @@ class SpeculativeConfig:
             raise ValueError(
                 f"tree_total_tokens counts the pending token and must be >= 2, not {self.tree_total_tokens}"
             )
+        if not 0 <= self.chain_min_prob < 1:
+            raise ValueError(f"chain_min_prob must lie in [0, 1), not {self.chain_min_prob}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -305,14 +313,15 @@ class SpeculativeSession:
         self.stats.draft_time_s += clock.lap()
         ids = torch.cat([self.pending, drafts])[None]
         logits, states = self._target_logits(ids)
+        drafted = drafts.numel()
         if self.config.greedy:
             best = logits.argmax(dim=-1)
-            accepted = (drafts == best[:steps]).int().cumprod(0).sum()
+            accepted = (drafts == best[:drafted]).int().cumprod(0).sum()
             values = torch.cat([ids[0, 1:], best, accepted[None]]).tolist()
             count = values[-1]
-            tokens = values[:count] + [values[steps + count]]
+            tokens = values[:count] + [values[drafted + count]]
         else:
-            q = draft_probs.new_zeros(steps, logits.shape[-1])
+            q = draft_probs.new_zeros(drafted, logits.shape[-1])
             q[:, self.draft_target_ids] = draft_probs
             count, bonus = accept_chain_sampled(drafts, q, self._warp(logits), generator)
             tokens = drafts[:count].tolist() + [bonus]
@@ -323,16 +332,20 @@ class SpeculativeSession:
     def _draft_chain(
         self, steps: int, root_position: int, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafted target ids [steps] and, when sampling, their draft distributions [steps, Vd]."""
+        """Drafted target ids [<= steps] and, when sampling, their draft distributions [<= steps, Vd];
+        fewer than `steps` where the draft's top probability falls below `chain_min_prob`."""
         cache = self.draft_cache
         lengths, cursor = list(cache.lengths), list(cache.rope_cursor)
         logits, hidden = self.root_logits, self.root_hidden
+        min_prob = self.config.chain_min_prob
         tokens, probs = [], []
         for step in range(steps):
+            q = logits.softmax(dim=-1) if self.config.greedy else self._warp(logits[None])[0]
+            if min_prob and float(q.max()) < min_prob:
+                break  # decided before drawing: a stop that looked at the drawn token would bias it
             if self.config.greedy:
-                choice = logits.argmax(dim=-1, keepdim=True)
+                choice = q.argmax(dim=-1, keepdim=True)
             else:
-                q = self._warp(logits[None])[0]
                 probs.append(q)
                 choice = torch.multinomial(q.cpu(), 1, generator=generator).to(q.device)
             tokens.append(self.draft.to_target_ids(choice))
