@@ -340,11 +340,11 @@ class SpeculativeSession:
         min_prob = self.config.chain_min_prob
         tokens, probs = [], []
         for step in range(steps):
-            q = logits.softmax(dim=-1) if self.config.greedy else self._warp(logits[None])[0]
-            if min_prob and float(q.max()) < min_prob:
+            q = None if self.config.greedy else self._warp(logits[None])[0]
+            if min_prob and float((logits.softmax(dim=-1) if q is None else q).max()) < min_prob:
                 break  # decided before drawing: a stop that looked at the drawn token would bias it
-            if self.config.greedy:
-                choice = q.argmax(dim=-1, keepdim=True)
+            if q is None:
+                choice = logits.argmax(dim=-1, keepdim=True)
             else:
                 probs.append(q)
                 choice = torch.multinomial(q.cpu(), 1, generator=generator).to(q.device)
