@@ -1,5 +1,5 @@
 """Helpers shared by the tests: a quiet CPU Trainer, an optimizer-step counter, the installed
-`hyperbagel` command and the benchmark scripts as modules."""
+`hyperbagel` command, the benchmark scripts as modules and a fixed training pack."""
 
 import importlib.util
 import shutil
@@ -9,8 +9,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import Dataset
+
+from hyperbagel.backbone.packing import PackedSequence, TextBlock, VaeImage, VitImage, pack
 
 
 def quiet_trainer(tmp_path: Path, max_steps: int, callbacks: list[Callback] = (), **options: Any) -> Trainer:
@@ -55,3 +59,29 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class FixedPacks(Dataset):
+    """The same few packs over and over: enough to see a real objective fall."""
+
+    def __init__(self, config, length: int = 64) -> None:
+        generator = torch.Generator().manual_seed(0)
+        image = lambda side: torch.rand(3, side, side, generator=generator) * 2 - 1  # noqa: E731
+        samples = [
+            [TextBlock([10, 11, 12]), VaeImage(pixels=image(16), noisy=True)],
+            [VitImage(image(8)), TextBlock([13, 14]), TextBlock([20, 21, 22], loss=True)],
+            [
+                VaeImage(pixels=image(16)),
+                VitImage(image(8)),
+                TextBlock([15]),
+                VaeImage(pixels=image(16), noisy=True),
+            ],
+        ]
+        self.packed = pack([samples], config)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> PackedSequence:
+        return self.packed

@@ -6,39 +6,12 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from hyperbagel.backbone.packing import PackedSequence, TextBlock, VaeImage, VitImage, pack
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 from hyperbagel.lightning_modules.schedules import WarmupCosineLR
 
-from helpers import quiet_trainer, run_hyperbagel
-
-
-class FixedPacks(Dataset):
-    """The same few packs over and over: enough to see a real objective fall."""
-
-    def __init__(self, config, length: int = 64) -> None:
-        generator = torch.Generator().manual_seed(0)
-        image = lambda side: torch.rand(3, side, side, generator=generator) * 2 - 1  # noqa: E731
-        samples = [
-            [TextBlock([10, 11, 12]), VaeImage(pixels=image(16), noisy=True)],
-            [VitImage(image(8)), TextBlock([13, 14]), TextBlock([20, 21, 22], loss=True)],
-            [
-                VaeImage(pixels=image(16)),
-                VitImage(image(8)),
-                TextBlock([15]),
-                VaeImage(pixels=image(16), noisy=True),
-            ],
-        ]
-        self.packed = pack([samples], config)
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> PackedSequence:
-        return self.packed
+from helpers import FixedPacks, quiet_trainer, run_hyperbagel
 
 
 def _fit(stage: PretrainStage, steps: int, tmp_path) -> L.Trainer:

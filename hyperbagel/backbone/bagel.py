@@ -48,6 +48,7 @@ class TrainingLosses:
     mse: torch.Tensor
     num_ce_tokens: int
     num_mse_tokens: int
+    noisy_features: torch.Tensor | None = None
 
 
 class DifferentiableQuery:
@@ -386,10 +387,14 @@ class Bagel(nn.Module):
         timestep_shift: float = 1.0,
         generator: torch.Generator | None = None,
         uniform_time_fraction: float = 0.0,
+        feature_layer: int | None = None,
     ) -> TrainingLosses:
         """BAGEL's training objective on a pack: next-token CE on text blocks with loss, velocity MSE on
         noisy latents drawn at logit-normal shifted times, `uniform_time_fraction` of them uniform instead
-        (see `sample_training_timesteps`); clean latents enter at t = 0."""
+        (see `sample_training_timesteps`); clean latents enter at t = 0.
+
+        `feature_layer` k also returns the input of decoder layer k at every noisy latent token (in pack
+        order), for an auxiliary loss on intermediate features such as representation alignment."""
         zero = self.vae2llm.weight.sum() * 0.0  # keeps an empty loss in the graph (DDP sees every parameter)
         vae_tokens = timesteps = noisy = target = None
         if packed.vae_images:
@@ -407,14 +412,23 @@ class Bagel(nn.Module):
             noise = torch.randn(clean.shape, generator=generator, device=self.device, dtype=clean.dtype)
             vae_tokens = torch.where(noisy[:, None], add_noise(clean, noise, timesteps), clean)
             target = velocity_target(clean, noise)
-        output = self.forward_packed(packed, vae_tokens, timesteps)
+        with_features = feature_layer is not None
+        output = self.forward_packed(packed, vae_tokens, timesteps, output_hidden_states=with_features)
         ce = zero
         if packed.ce_index.numel():
             logits = self.text_logits(output, packed).float()
             ce = F.cross_entropy(logits, packed.ce_labels.to(logits.device))
-        mse, num_noisy = zero, 0
+        mse, num_noisy, noisy_features = zero, 0, None
         if noisy is not None and bool(noisy.any()):
             num_noisy = int(noisy.sum())
             error = self.velocity(output, packed)[noisy].float() - target[noisy].float()
             mse = error.pow(2).mean(dim=-1).mean()
-        return TrainingLosses(ce=ce, mse=mse, num_ce_tokens=packed.ce_index.numel(), num_mse_tokens=num_noisy)
+            if feature_layer is not None:
+                noisy_features = self.gather(output.hidden_states[feature_layer], packed.vae_index)[noisy]
+        return TrainingLosses(
+            ce=ce,
+            mse=mse,
+            num_ce_tokens=packed.ce_index.numel(),
+            num_mse_tokens=num_noisy,
+            noisy_features=noisy_features,
+        )

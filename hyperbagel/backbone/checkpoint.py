@@ -234,13 +234,15 @@ def load_autoencoder(folder: str | Path) -> BagelAutoencoder:
     return autoencoder.requires_grad_(False).eval()
 
 
-def load_vision_encoder(folder: str | Path, model: Bagel) -> None:
-    """Load a folder written by `save_vision_encoder` into `model.vit_model`; every key must match in name
-    and shape (an encoder pretrained for another preset is refused with the offending keys listed)."""
+def load_vision_encoder(folder: str | Path, vit_model: nn.Module) -> None:
+    """Load a folder written by `save_vision_encoder` into `vit_model` (a `SiglipNaViT`, e.g. a `Bagel`'s
+    `vit_model`); every key must match in name and shape (an encoder pretrained for another preset is
+    refused with the offending keys listed)."""
     path = _require(Path(folder) / VIT_WEIGHTS_FILE)
-    expected = {f"vit_model.{k}": tuple(v.shape) for k, v in model.vit_model.state_dict().items()}
-    state, _, _ = _read_weights(path, expected, strict=True, device=model.device, dtype=model.dtype)
-    model.vit_model.load_state_dict({k.removeprefix("vit_model."): v for k, v in state.items()})
+    expected = {f"vit_model.{k}": tuple(v.shape) for k, v in vit_model.state_dict().items()}
+    reference = next(vit_model.parameters())
+    state, _, _ = _read_weights(path, expected, strict=True, device=reference.device, dtype=reference.dtype)
+    vit_model.load_state_dict({k.removeprefix("vit_model."): v for k, v in state.items()})
 
 
 def load_config(folder: str | Path) -> BagelConfig:

@@ -132,7 +132,7 @@ class BagelStage(LightningModule, ABC):
             config.vae = autoencoder.config
         model = Bagel(config, autoencoder)
         if self.vision_encoder_source is not None:
-            load_vision_encoder(self.vision_encoder_source, model)
+            load_vision_encoder(self.vision_encoder_source, model.vit_model)
         return model
 
     def configure_model(self) -> None:
