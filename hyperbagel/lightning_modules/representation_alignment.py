@@ -4,9 +4,10 @@ A small MLP projects the hidden states that an early decoder layer holds at ever
 the patch features that a frozen, pretrained vision encoder computes from the *clean* image at the same
 place; the loss is one minus their mean cosine similarity. Why: a from-scratch teacher learns to denoise
 quickly but learns what object covers which place slowly (README, "Where the teacher stands"), and the
-encoder's patch features are exactly that. REPA reported 17.5x faster training of SiT with DINOv2
-features; here the encoder is the vision-encoder stage's output (SigLIP in a real BAGEL). The projector is
-a training-only side model: it is never exported and the sampler never runs it.
+encoder's patch features are exactly that (the REPA paper reports 17.5x faster SiT training with DINOv2
+features; on the shapes teacher's 28-minute text-to-image run it did not help, README). Here the encoder
+is the vision-encoder stage's output (SigLIP in a real BAGEL). The projector is a training-only side
+model: it is never exported and the sampler never runs it.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ class RepresentationAlignment(nn.Module):
         An image is first resized to the nearest multiple of the encoder's patch (BAGEL's latent stride 16
         against SigLIP's 14); area pooling then maps the encoder's patch grid onto the latent grid."""
         patch = self.encoder.config.patch_size
+        dtype = next(self.encoder.parameters()).dtype
         inputs = []
         for image in images:
             size = tuple(max(1, round(side / patch)) * patch for side in image.shape[-2:])
             if size != tuple(image.shape[-2:]):
                 image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
-            inputs.append(image.to(next(self.encoder.parameters()).dtype))
+            inputs.append(image.to(dtype))
         features, cu_seqlens, _ = self.encoder.encode_images(inputs)
         pooled = []
         for i, (image, (h, w)) in enumerate(zip(inputs, grids, strict=True)):
