@@ -219,3 +219,73 @@ trainer:
     result = run_hyperbagel("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     assert from_pretrained(tmp_path / "out").has_guidance_embedders
+
+
+@pytest.mark.parametrize("score_noise", ["trajectory", "fresh"])
+def test_fake_score_interpolates_with_the_trajectory_noise_or_fresh_noise(
+    monkeypatch: pytest.MonkeyPatch, stage2_dir: Path, score_noise: str
+) -> None:
+    import hyperbagel.lightning_modules.distill_dmdo as dmdo
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def recording_roll(*args, **kwargs):
+        trajectory = roll_trajectory(*args, **kwargs)
+        seen["trajectory"] = trajectory.noise
+        return trajectory
+
+    def recording_loss(v_fake, noise, x0):
+        seen["fake"] = noise
+        return fake_score_loss(v_fake, noise, x0)
+
+    monkeypatch.setattr(dmdo, "roll_trajectory", recording_roll)
+    monkeypatch.setattr(dmdo, "fake_score_loss", recording_loss)
+    stage = DistillDMDOStage(
+        model=str(stage2_dir), teacher=str(stage2_dir), mode="ode", score_noise=score_noise
+    )
+    trainer = quiet_trainer(stage2_dir.parent, 1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(stage, _data())
+    assert seen["fake"].shape == seen["trajectory"].shape
+    assert torch.equal(seen["fake"], seen["trajectory"]) == (score_noise == "trajectory")
+
+
+@pytest.mark.parametrize(("option", "value"), [("score_noise", "shared"), ("real_score", "data")])
+def test_dmdo_refuses_unknown_score_options(stage2_dir: Path, option: str, value: str) -> None:
+    with pytest.raises(ValueError, match=option):
+        DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), **{option: value})
+
+
+def test_a_learned_real_score_is_fitted_to_the_teachers_samples_and_checkpointed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stage2_dir: Path
+) -> None:
+    import hyperbagel.lightning_modules.distill_dmdo as dmdo
+
+    grids: list[int] = []
+
+    def recording_roll(velocity, noise, timesteps, *args, **kwargs):
+        grids.append(len(timesteps) - 1)
+        return roll_trajectory(velocity, noise, timesteps, *args, **kwargs)
+
+    monkeypatch.setattr(dmdo, "roll_trajectory", recording_roll)
+    seed_everything(0)
+    stage = DistillDMDOStage(
+        model=str(stage2_dir),
+        teacher=str(stage2_dir),
+        real_score="learned",
+        real_score_steps=3,
+        generator_every=1,
+        fake_score_optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+    counter = CountSteps()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = quiet_trainer(tmp_path, 2, [counter, checkpoints], limit_val_batches=0, num_sanity_val_steps=0)
+    stage.configure_model()
+    teacher = {n: p.detach().clone() for n, p in stage.teacher.named_parameters()}
+    trainer.fit(stage, _data())
+    assert grids == [6, 3, 6, 3]  # per step: the student's rollout, then the teacher's for the real score
+    assert counter.counts == [2, 2, 2]  # generator, fake score, real score
+    assert any(not torch.equal(p, teacher[n]) for n, p in stage.real_score.named_parameters())
+    assert all(torch.equal(p, teacher[n]) for n, p in stage.teacher.named_parameters())
+    state = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=False)["state_dict"]
+    assert any(k.startswith("real_score.") for k in state)
+    assert {"train/real_score/loss", "train/fake_score/loss"} <= set(trainer.callback_metrics)

@@ -8,6 +8,18 @@ interpolates its x0 prediction with the same x_T at a fresh time, and follows DM
 between the fake and the real (teacher) x0 predictions there. With `mode="sde"` the trajectory, the fake
 model's interpolations and the generator's re-interpolation use fresh noise instead (standard DMD with
 re-noised steps; the paper's ablation). No extra regulariser, as in the paper.
+
+Two options make the two scores comparable where the paper's description leaves them apart:
+- `real_score="learned"`: the real score is a second trainable copy of the teacher, fitted to the
+  teacher's own samples (its `real_score_steps`-step ODE from the same x_T) exactly as the fake is
+  fitted to the student's. Why: the teacher here is CFG-distilled, so its velocity is a guided field,
+  not the score of the distribution its sampler draws; and a copy fine-tuned on any samples moves away
+  from its start. Both gaps are common to the two learned scores and cancel in their difference, which
+  then vanishes when the student's samples are distributed like the teacher's.
+- `score_noise="fresh"`: the learned scores interpolate with fresh noise even in "ode" mode, as the
+  teacher was trained. Interpolations along a trajectory's own (x_T, x_0) pairs follow a straighter
+  (reflow) velocity than the teacher's, so against the frozen teacher they disagree even for a perfect
+  student; with `real_score="learned"` both sides use the same pairing and either choice is consistent.
 """
 
 from __future__ import annotations
@@ -17,7 +29,14 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from hyperbagel.backbone.flow import add_noise, predict_x0, sample_training_timesteps, shift_timesteps
+from hyperbagel.backbone.flow import (
+    CFGConfig,
+    add_noise,
+    predict_x0,
+    sample_training_timesteps,
+    shift_timesteps,
+)
+from hyperbagel.backbone.inference import ImageContexts
 from hyperbagel.distillation.batches import GenerationBatch
 from hyperbagel.distillation.dmd import (
     TRAJECTORY_MODES,
@@ -31,18 +50,27 @@ from hyperbagel.lightning_modules.base import default_optimizer
 from hyperbagel.lightning_modules.manual import GenerationDistillStage, OptimizerSpec
 
 FAKE_SCORE_INITS = ("teacher", "student")
+REAL_SCORES = ("teacher", "learned")
+SCORE_NOISES = ("trajectory", "fresh")
 
 
 class DistillDMDOStage(GenerationDistillStage):
-    """Hyper-Bagel stage 3 (DMDO); the teacher is the "real" score.
+    """Hyper-Bagel stage 3 (DMDO); the teacher, or a copy fitted to its samples, is the "real" score.
 
     Args:
         mode: "ode" (DMDO: the same x_T everywhere) or "sde" (fresh noise per step and interpolation).
         fake_score_init: "teacher" (DMD2's choice) or "student" generation weights start the fake model.
-        fake_score_optimizer / fake_score_lr_scheduler / fake_score_gradient_clip_val: its optimization.
+        fake_score_optimizer / fake_score_lr_scheduler / fake_score_gradient_clip_val: its optimization
+            (also that of a learned real score: the same recipe is what makes their errors cancel).
+        real_score: "teacher" (the frozen teacher's velocity, DMD2's choice) or "learned" (a copy of the
+            teacher fitted to the teacher's own samples like the fake; see the module docstring).
+        real_score_steps: Euler steps of the teacher's ODE that draws the learned real score's samples.
+        score_noise: "trajectory" (interpolate with the trajectory's own x_T, the paper's description)
+            or "fresh" (independent noise, as the teacher was trained) for the learned scores in "ode"
+            mode; "sde" mode always uses fresh noise.
         generator_every: the generator updates on every this-many-th step, the fake model on every step
             (DMD2's two time-scale rule uses 5).
-        fake_time_shift: shift of the logit-normal times of the fake model's regression.
+        fake_time_shift: shift of the logit-normal times of the learned scores' regression.
         dmd_time_range / dmd_time_shift: the generator's fresh time, uniform in the range, then shifted.
         **kwargs: `GenerationDistillStage` arguments (model, teacher, guidance, sampling grid, ...).
     """
@@ -54,6 +82,9 @@ class DistillDMDOStage(GenerationDistillStage):
         fake_score_optimizer: OptimizerCallable = default_optimizer,
         fake_score_lr_scheduler: LRSchedulerCallable | None = None,
         fake_score_gradient_clip_val: float | None = None,
+        real_score: str = "teacher",
+        real_score_steps: int = 25,
+        score_noise: str = "trajectory",
         generator_every: int = 5,
         fake_time_shift: float = 3.0,
         dmd_time_range: tuple[float, float] = (0.02, 0.98),
@@ -65,6 +96,12 @@ class DistillDMDOStage(GenerationDistillStage):
             raise ValueError(f"mode must be one of {TRAJECTORY_MODES}, got {mode!r}")
         if fake_score_init not in FAKE_SCORE_INITS:
             raise ValueError(f"fake_score_init must be one of {FAKE_SCORE_INITS}, got {fake_score_init!r}")
+        if real_score not in REAL_SCORES:
+            raise ValueError(f"real_score must be one of {REAL_SCORES}, got {real_score!r}")
+        if real_score_steps < 1:
+            raise ValueError(f"real_score_steps must be at least 1, got {real_score_steps}")
+        if score_noise not in SCORE_NOISES:
+            raise ValueError(f"score_noise must be one of {SCORE_NOISES}, got {score_noise!r}")
         if generator_every < 1:
             raise ValueError(f"generator_every must be at least 1, got {generator_every}")
         low, high = (float(v) for v in dmd_time_range)
@@ -75,11 +112,15 @@ class DistillDMDOStage(GenerationDistillStage):
         self.fake_score_optimizer = fake_score_optimizer
         self.fake_score_lr_scheduler = fake_score_lr_scheduler
         self.fake_score_gradient_clip_val = fake_score_gradient_clip_val
+        self.real_score_kind = real_score
+        self.real_score_steps = real_score_steps
+        self.score_noise = score_noise
         self.generator_every = generator_every
         self.fake_time_shift = fake_time_shift
         self.dmd_time_range = (low, high)
         self.dmd_time_shift = dmd_time_shift
         self.fake_score: GenerationWeights | None = None
+        self.real_score: GenerationWeights | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -90,16 +131,24 @@ class DistillDMDOStage(GenerationDistillStage):
             self.fake_score = GenerationWeights(tensors, trainable=True)
         else:
             self.fake_score = GenerationWeights.from_model(self.model, trainable=True)
+        if self.real_score_kind == "learned":
+            tensors = {name: p.detach().clone() for name, p in self.teacher.named_parameters()}
+            self.real_score = GenerationWeights(tensors, trainable=True)
 
     def optimizer_specs(self) -> list[OptimizerSpec]:
-        fake = OptimizerSpec(
-            "fake_score",
-            list(self.fake_score.parameters()),
-            self.fake_score_optimizer,
-            self.fake_score_lr_scheduler,
-            self.fake_score_gradient_clip_val,
-        )
-        return [*super().optimizer_specs(), fake]
+        scores = [("fake_score", self.fake_score), ("real_score", self.real_score)]
+        specs = [
+            OptimizerSpec(
+                name,
+                list(weights.parameters()),
+                self.fake_score_optimizer,
+                self.fake_score_lr_scheduler,
+                self.fake_score_gradient_clip_val,
+            )
+            for name, weights in scores
+            if weights is not None
+        ]
+        return [*super().optimizer_specs(), *specs]
 
     def generator_turn(self) -> bool:
         """Whether the generator updates in this step (every `generator_every`-th, from the first)."""
@@ -107,6 +156,24 @@ class DistillDMDOStage(GenerationDistillStage):
 
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape, like=x)
+
+    def fit_score(
+        self,
+        name: str,
+        weights: GenerationWeights,
+        contexts: ImageContexts,
+        guidance: list[CFGConfig],
+        sample: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> None:
+        """One regression step of a learned score: velocity `x_T - x_0` at interpolations of `sample`."""
+        times = sample_training_timesteps(len(sample), self.fake_time_shift, self.batch_generator)
+        reuse_noise = self.mode == "ode" and self.score_noise == "trajectory"
+        eps = noise if reuse_noise else self.noise_like(sample)
+        x_t = add_noise(sample, eps, times)
+        with weights.applied(self.model):  # its backward recomputes layers with these weights
+            velocity = contexts.velocity(x_t, times.to(self.device), guidance)
+            self.update(name, {"loss": fake_score_loss(velocity, eps, sample)})
 
     def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
         guidance, contexts = self.guidance(batch), self.prefill(batch)
@@ -121,14 +188,15 @@ class DistillDMDOStage(GenerationDistillStage):
             self.noise_like,
         )
 
-        # the fake score learns the student's distribution on interpolations of its trajectory
-        sample = trajectory.sample
-        fake_times = sample_training_timesteps(len(batch), self.fake_time_shift, self.batch_generator)
-        fake_noise = noise if self.mode == "ode" else self.noise_like(sample)
-        x_fake = add_noise(sample, fake_noise, fake_times)
-        with self.fake_score.applied(self.model):  # its backward recomputes layers with these weights
-            v_fake = contexts.velocity(x_fake, fake_times.to(self.device), guidance)
-            self.update("fake_score", {"loss": fake_score_loss(v_fake, fake_noise, sample)})
+        # the fake score learns the student's distribution, a learned real score the teacher's
+        self.fit_score("fake_score", self.fake_score, contexts, guidance, trajectory.sample, noise)
+        if self.real_score is not None:
+            teacher_sample = roll_trajectory(
+                lambda x, t: self.velocity(contexts, x, t, guidance, self.teacher),
+                noise,
+                self.sampling_timesteps(self.real_score_steps),
+            ).sample
+            self.fit_score("real_score", self.real_score, contexts, guidance, teacher_sample, noise)
 
         if not self.generator_turn():
             return
@@ -138,7 +206,8 @@ class DistillDMDOStage(GenerationDistillStage):
         times = shift_timesteps(low + (high - low) * self.rand((len(batch),)), self.dmd_time_shift)
         x_t = add_noise(x0.detach(), noise if self.mode == "ode" else self.noise_like(x0), times)
         with torch.no_grad():
-            x0_real = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, self.teacher), times)
+            real = self.real_score or self.teacher
+            x0_real = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, real), times)
             x0_fake = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, self.fake_score), times)
         loss = dmd_loss(x0, x0_real, x0_fake)
         losses = {
