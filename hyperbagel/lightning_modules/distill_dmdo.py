@@ -12,10 +12,11 @@ re-noised steps; the paper's ablation). No extra regulariser, as in the paper.
 Two options make the two scores comparable where the paper's description leaves them apart:
 - `real_score="learned"`: the real score is a second trainable copy of the teacher, fitted to the
   teacher's own samples (its `real_score_steps`-step ODE from the same x_T) exactly as the fake is
-  fitted to the student's. Why: the teacher here is CFG-distilled, so its velocity is a guided field,
-  not the score of the distribution its sampler draws; and a copy fine-tuned on any samples moves away
-  from its start. Both gaps are common to the two learned scores and cancel in their difference, which
-  then vanishes when the student's samples are distributed like the teacher's.
+  fitted to the student's. Why: the teacher is CFG-distilled, so its velocity is a guided field, not
+  the score of the distribution its sampler draws, and any copy fine-tuned on samples moves away from
+  it; on the shapes teacher that gap was four times the student-vs-teacher one (README, "Distillation").
+  It is common to the two learned scores and cancels in their difference, which then vanishes when the
+  student's samples are distributed like the teacher's.
 - `score_noise="fresh"`: the learned scores interpolate with fresh noise even in "ode" mode, as the
   teacher was trained. Interpolations along a trajectory's own (x_T, x_0) pairs follow a straighter
   (reflow) velocity than the teacher's, so against the frozen teacher they disagree even for a perfect
@@ -206,7 +207,7 @@ class DistillDMDOStage(GenerationDistillStage):
         times = shift_timesteps(low + (high - low) * self.rand((len(batch),)), self.dmd_time_shift)
         x_t = add_noise(x0.detach(), noise if self.mode == "ode" else self.noise_like(x0), times)
         with torch.no_grad():
-            real = self.real_score or self.teacher
+            real = self.real_score if self.real_score is not None else self.teacher
             x0_real = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, real), times)
             x0_fake = predict_x0(x_t, self.velocity(contexts, x_t, times, guidance, self.fake_score), times)
         loss = dmd_loss(x0, x0_real, x0_fake)
