@@ -317,8 +317,8 @@ def test_dmdo_with_a_learned_real_score_resumes_bit_exactly(tmp_path: Path, stag
             stage,
             UnshuffledData("tiny", n_train=2, n_val=2, batch_size=2),
             ckpt_path=ckpt_path,
-            weights_only=False,
-        )  # hparams hold partials
+            weights_only=False,  # the hyperparameters hold partials
+        )
         return stage
 
     straight = run(tmp_path / "straight", 4)
