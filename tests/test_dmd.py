@@ -255,6 +255,19 @@ def test_dmdo_refuses_unknown_score_options(stage2_dir: Path, option: str, value
         DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), **{option: value})
 
 
+def _learned_real_stage(stage2_dir: Path, real_score_steps: int) -> DistillDMDOStage:
+    """A DMDO stage with a learned real score whose three models all step every batch."""
+    return DistillDMDOStage(
+        model=str(stage2_dir),
+        teacher=str(stage2_dir),
+        real_score="learned",
+        real_score_steps=real_score_steps,
+        generator_every=1,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        fake_score_optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+
+
 def test_a_learned_real_score_is_fitted_to_the_teachers_samples_and_checkpointed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stage2_dir: Path
 ) -> None:
@@ -268,14 +281,7 @@ def test_a_learned_real_score_is_fitted_to_the_teachers_samples_and_checkpointed
 
     monkeypatch.setattr(dmdo, "roll_trajectory", recording_roll)
     seed_everything(0)
-    stage = DistillDMDOStage(
-        model=str(stage2_dir),
-        teacher=str(stage2_dir),
-        real_score="learned",
-        real_score_steps=3,
-        generator_every=1,
-        fake_score_optimizer=partial(torch.optim.AdamW, lr=1e-3),
-    )
+    stage = _learned_real_stage(stage2_dir, real_score_steps=3)
     counter = CountSteps()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
     trainer = quiet_trainer(tmp_path, 2, [counter, checkpoints], limit_val_batches=0, num_sanity_val_steps=0)
@@ -302,15 +308,7 @@ class UnshuffledData(GenerationDataModule):
 def test_dmdo_with_a_learned_real_score_resumes_bit_exactly(tmp_path: Path, stage2_dir: Path) -> None:
     def run(root: Path, max_steps: int, ckpt_path: str | None = None) -> DistillDMDOStage:
         seed_everything(0)
-        stage = DistillDMDOStage(
-            model=str(stage2_dir),
-            teacher=str(stage2_dir),
-            real_score="learned",
-            real_score_steps=2,
-            generator_every=1,
-            optimizer=partial(torch.optim.AdamW, lr=1e-3),
-            fake_score_optimizer=partial(torch.optim.AdamW, lr=1e-3),
-        )
+        stage = _learned_real_stage(stage2_dir, real_score_steps=2)
         checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
         trainer = quiet_trainer(root, max_steps, [checkpoints], limit_val_batches=0, num_sanity_val_steps=0)
         trainer.fit(
