@@ -192,11 +192,12 @@ class DistillDMDOStage(GenerationDistillStage):
         # the fake score learns the student's distribution, a learned real score the teacher's
         self.fit_score("fake_score", self.fake_score, contexts, guidance, trajectory.sample, noise)
         if self.real_score is not None:
-            teacher_sample = roll_trajectory(
-                lambda x, t: self.velocity(contexts, x, t, guidance, self.teacher),
-                noise,
-                self.sampling_timesteps(self.real_score_steps),
-            ).sample
+            with self.teacher.applied(self.model):  # swapped in once for the whole rollout
+                teacher_sample = roll_trajectory(
+                    lambda x, t: contexts.velocity(x, t, guidance),
+                    noise,
+                    self.sampling_timesteps(self.real_score_steps),
+                ).sample
             self.fit_score("real_score", self.real_score, contexts, guidance, teacher_sample, noise)
 
         if not self.generator_turn():
