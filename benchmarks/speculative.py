@@ -12,12 +12,15 @@ shared machine hit every decoder alike), after one warm-up prompt that every dec
 - `chain` / `tree`: speculative decoding with the draft head (`speculative_generate`);
 - `hf_generate` / `hf_prompt_lookup`: Hugging Face `generate` on the same weights as Qwen3ForCausalLM
   (`hyperbagel.speculative.hf_reference`), plain greedy and with `prompt_lookup_num_tokens`;
-- one chain decoder per `--ablation` head.
+- one chain decoder per `--ablation` head;
+- with `--compile-draft`, `chain_compiled_draft` / `tree_compiled_draft`: the same settings over a copy of
+  the head compiled with `DraftHead.compile` (the target stays eager, as in every other decoder), after
+  `--compile-warmup-prompts` unrecorded prompts that trigger the compilation (its time is in `settings`).
 Every time is wall clock from the context to the answer, prefill included (our prefill for the HF
 decoders too, since transformers cannot encode BAGEL's images, plus the hand-over of its cache).
 tokens_per_s counts the tokens each decoder produced, a closing `<|im_end|>` included; tau is committed
 tokens per target forward (bonus token counted) over all rounds of all prompts. `identical_fraction`:
-prompts whose chain AND tree answers equal plain greedy's.
+prompts whose answers from every chain and tree decoder equal plain greedy's.
 
 `--sweep` first tries several chain lengths (each with every `--sweep-chain-min-probs` stop threshold)
 and tree sizes on `--sweep-prompts` prompts and measures with the fastest (on a CPU verifying more tokens
@@ -98,6 +101,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tree-top-k", type=int, default=4)
     parser.add_argument("--tree-total-tokens", type=int, default=24, help="verified per forward")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens")
+    parser.add_argument(
+        "--compile-draft", action="store_true",
+        help="also measure chain and tree with a torch.compile'd copy of the head (DraftHead.compile)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile-warmup-prompts", type=int, default=4,
+        help="measured prompts the compiled decoders answer once, unrecorded, before measuring",
+    )  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="pick chain steps and tree size by speed first")
     parser.add_argument("--sweep-chain-steps", type=int, nargs="+", default=list(DEFAULT_SWEEP_CHAIN))
     parser.add_argument(
@@ -114,6 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.compile_warmup_prompts < 0:
+        parser.error("--compile-warmup-prompts must be >= 0")
     for name in ("n_prompts", "max_new_tokens", "prompt_lookup_tokens", "sweep_prompts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -269,6 +282,29 @@ def sweep(
     return chosen, report
 
 
+def compiled_draft_decoders(
+    model: Bagel,
+    folder: Path,
+    configs: dict[str, SpeculativeConfig],
+    max_new_tokens: int,
+    warmup: Sequence[Sample],
+) -> tuple[dict[str, Decoder], float]:
+    """Decoders over a compiled copy of the head (`<name>_compiled_draft`), and the seconds spent
+    compiling: every decoder answers the `warmup` samples once, so that the kinds of draft call a
+    measured prompt makes (prefill, extension, step, tree step) have compiled before timing starts."""
+    started = time.perf_counter()
+    head = load_draft_head(folder, model, torch.float32).eval()
+    head.compile()
+    decoders = {
+        f"{name}_compiled_draft": speculative(model, head, config, max_new_tokens)
+        for name, config in configs.items()
+    }
+    for decode in decoders.values():
+        for sample in warmup:
+            decode(sample)
+    return decoders, time.perf_counter() - started
+
+
 def ablation_row(name: str, folder: Path, head: DraftHead, tally: Tally, greedy: Tally) -> dict[str, Any]:
     recorded = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     return {
@@ -337,22 +373,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     for name, (_, ablation_head) in ablations.items():
         decoders[f"ablation:{name}"] = speculative(model, ablation_head, chain, budget)
+    compile_s = None
+    if args.compile_draft:
+        compiled, compile_s = compiled_draft_decoders(
+            model,
+            Path(args.draft),
+            {"chain": chain, "tree": tree},
+            budget,
+            [warmup, *samples[: args.compile_warmup_prompts]],
+        )
+        decoders.update(compiled)
     tallies = measure(decoders, warmup, samples, budget)
 
     greedy = tallies["greedy"]
     same = {name: tallies[name].identical(greedy) for name in tallies if name != "greedy"}
-    lossless = [c and t for c, t in zip(same["chain"], same["tree"])]
-    speed = {
-        name: tallies[name].tokens_per_s
-        for name in ("greedy", "chain", "tree", "hf_generate", "hf_prompt_lookup")
+    speculative_names = [name for name in same if name.startswith(("chain", "tree"))]
+    lossless = [all(flags) for flags in zip(*(same[name] for name in speculative_names))]
+    timed = ["greedy", "chain", "tree", "hf_generate", "hf_prompt_lookup"]
+    timed += [name for name in tallies if name.endswith("_compiled_draft")]
+    speed = {name: tallies[name].tokens_per_s for name in timed}
+    speedups = {
+        f"speedup_{name}": speed[name] / speed["greedy"]
+        for name in timed
+        if name.startswith(("chain", "tree"))
     }
     summary = {
         "identical_fraction": sum(lossless) / len(lossless),
         "tau_chain": tallies["chain"].tau,
         "tau_tree": tallies["tree"].tau,
         "tokens_per_s": speed,
-        "speedup_chain": speed["chain"] / speed["greedy"],
-        "speedup_tree": speed["tree"] / speed["greedy"],
+        **speedups,
         "ablation": [
             ablation_row(name, folder, ablation_head, tallies[f"ablation:{name}"], greedy)
             for name, (folder, ablation_head) in ablations.items()
@@ -389,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "device": args.device,
             "threads": torch.get_num_threads(),
             "warmup_prompts": 1,
+            "compile_draft": args.compile_draft,
+            "compile_warmup_prompts": args.compile_warmup_prompts if args.compile_draft else 0,
+            "compile_warmup_s": compile_s,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "total_s": time.perf_counter() - started,

@@ -218,6 +218,28 @@ def test_benchmark_runs_on_tiny_checkpoints(tmp_path: Path, sharp_bagel, shapes_
     assert (settings["chain_steps"], settings["tree_total_tokens"], settings["dtype"]) == (3, 6, "float32")
 
 
+def test_compiled_draft_decoders_are_measured_beside_the_eager_ones(
+    tmp_path: Path, sharp_bagel, shapes_tokenizer, monkeypatch
+) -> None:
+    """--compile-draft, with dynamo's aot_eager backend standing in for inductor (no C++ toolchain)."""
+    compile_head = DraftHead.compile
+    monkeypatch.setattr(DraftHead, "compile", lambda head: compile_head(head, backend="aot_eager"))
+    teacher, draft, _ = _checkpoints(tmp_path, sharp_bagel, shapes_tokenizer)
+    argv = ["--model", str(teacher), "--draft", str(draft), "--out", str(tmp_path / "c.json")]
+    argv += ["--n-prompts", "2", "--max-new-tokens", "6", "--chain-steps", "3", "--tree-depth", "3"]
+    argv += ["--tree-top-k", "2", "--tree-total-tokens", "6", "--threads", "1", "--compile-draft"]
+    argv += ["--compile-warmup-prompts", "1"]
+    summary = _benchmark().main(argv)
+    speed = summary["tokens_per_s"]
+    for name in ("chain_compiled_draft", "tree_compiled_draft"):
+        assert summary[f"speedup_{name}"] == pytest.approx(speed[name] / speed["greedy"])
+        assert summary["identical_fraction_per_decoder"][name] == 1.0
+    assert summary["identical_fraction"] == 1.0
+    settings = summary["settings"]
+    assert settings["compile_draft"] and settings["compile_warmup_prompts"] == 1
+    assert settings["compile_warmup_s"] > 0
+
+
 def test_sweep_records_every_setting_and_measures_with_the_fastest(
     tmp_path: Path, sharp_bagel, shapes_tokenizer
 ) -> None:
@@ -259,6 +281,7 @@ def test_sweep_records_every_setting_and_measures_with_the_fastest(
         (["--sweep-trees", "4,4"], "DEPTH,TOP_K,TOTAL_TOKENS"),
         (["--n-prompts", "0"], "--n-prompts must be >= 1"),
         (["--describe-fraction", "1.5"], "--describe-fraction"),
+        (["--compile-warmup-prompts", "-1"], "--compile-warmup-prompts must be >= 0"),
     ],
 )
 def test_bad_flags_are_refused(flags: list[str], message: str, capsys) -> None:

@@ -16,7 +16,7 @@ from hyperbagel.backbone.checkpoint import save_pretrained
 from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.backbone.packing import TextBlock, VitImage
 from hyperbagel.cli import main
-from hyperbagel.speculative.chat import ChatDataModule, ChatRequest, chat_sample
+from hyperbagel.speculative.chat import ChatDataModule, ChatModule, ChatRequest, chat_sample
 from hyperbagel.speculative.draft_head import DraftHead, DraftHeadConfig
 from hyperbagel.speculative.export import export_draft_head
 
@@ -172,3 +172,13 @@ def test_cli_predict_answers_like_the_inferencer(
     )
     assert [a["answer"] for a in plain] == expected
     assert "acceptance_length" not in plain[0] and plain[0]["answer_tokens"] >= 1
+
+
+def test_compile_draft_compiles_the_loaded_head(checkpoints, monkeypatch) -> None:
+    teacher, draft = checkpoints
+    compiled = []
+    monkeypatch.setattr(DraftHead, "compile", lambda head: compiled.append(head))
+    for flag in (False, True):
+        module = ChatModule(str(teacher), str(draft), compile_draft=flag)
+        module.configure_model()
+    assert compiled == [module.draft_head]

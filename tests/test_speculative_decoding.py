@@ -375,6 +375,26 @@ def test_draft_tree_reuses_the_cache_exactly(tiny_bagel, aggregation):
     assert tree.size == 21
 
 
+def test_compiled_head_drafts_like_the_eager_head(tiny_bagel, shapes_tokenizer):
+    """`DraftHead.compile` (dynamo with dynamic shapes; the aot_eager backend, so no C++ toolchain is
+    needed) over every kind of draft call: a context with an image block (masked prefill), extensions
+    of several lengths, single chain steps and tree steps. The same drafts mean the same acceptance."""
+    eager = _head(tiny_bagel, num_layers=1, zero_init=False)
+    compiled = _head(tiny_bagel, num_layers=1, zero_init=False)
+    compiled.compile(backend="aot_eager")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    image = VitImage(vit_input(_picture("blue"), tiny_bagel.config))
+    sample = [image, TextBlock(shapes_tokenizer.encode("describe the image ."))]
+    for config in (CHAIN, TREE):
+        sessions = [SpeculativeSession.start(tiny_bagel, h, sample, config, 40) for h in (eager, compiled)]
+        torch.testing.assert_close(sessions[1].root_logits, sessions[0].root_logits)
+        (want, want_stats), (got, got_stats) = (session.decode(30) for session in sessions)
+        assert got == want
+        assert got_stats.target_forwards == want_stats.target_forwards
+        torch.testing.assert_close(sessions[1].root_logits, sessions[0].root_logits)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # fuse and forward
+
+
 @pytest.mark.parametrize("config", [CHAIN, TREE], ids=["chain", "tree"])
 def test_caches_after_rollback_match_plain_decoding(tiny_bagel, config):
     """A drafter right about 2 in 3 tokens (partial acceptances, non-contiguous tree paths) over a real

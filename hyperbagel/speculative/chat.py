@@ -211,6 +211,7 @@ class ChatModule(LightningModule):
         seed: sampling seed of the first prompt (prompt i uses seed + i).
         dtype: "float32" / "bfloat16" / "float16"; default as stored.
         output: jsonl file the answers are written to (a `ChatAnswerWriter`); None only returns them.
+        compile_draft: `torch.compile` the draft head (`DraftHead.compile`); pays off over many prompts.
     """
 
     def __init__(
@@ -230,6 +231,7 @@ class ChatModule(LightningModule):
         seed: int | None = None,
         dtype: str | None = None,
         output: str | None = None,
+        compile_draft: bool = False,
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
@@ -249,6 +251,7 @@ class ChatModule(LightningModule):
             top_p=top_p,
         )
         self.max_new_tokens, self.seed, self.dtype_name, self.output = max_new_tokens, seed, dtype, output
+        self.compile_draft = compile_draft
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.target: Bagel | None = None
         self.draft_head: DraftHead | None = None
@@ -261,6 +264,8 @@ class ChatModule(LightningModule):
         self.target = from_pretrained(self.model_source, dtype=dtype, load_autoencoder=False)
         if self.draft_source is not None:
             self.draft_head = load_draft_head(self.draft_source, self.target, dtype)
+            if self.compile_draft:
+                self.draft_head.compile()
             self.generator = SpeculativeGenerator(
                 self.target, self.draft_head, self.tokenizer, self.speculative
             )
