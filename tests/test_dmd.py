@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -295,6 +296,52 @@ def test_a_learned_real_score_is_fitted_to_the_teachers_samples_and_checkpointed
     state = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=False)["state_dict"]
     assert any(k.startswith("real_score.") for k in state)
     assert {"train/real_score/loss", "train/fake_score/loss"} <= set(trainer.callback_metrics)
+
+
+def test_regression_pulls_the_rerun_x0_to_the_teachers_ode_sample(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stage2_dir: Path
+) -> None:
+    """With the frozen teacher as the real score, the teacher's ODE from the same x_T is rolled only on
+    generator turns, and the logged term is the MSE of the re-run step's x0 to its sample."""
+    import hyperbagel.lightning_modules.distill_dmdo as dmdo
+
+    rolls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    reruns: list[torch.Tensor] = []
+
+    def recording_roll(velocity, noise, timesteps, *args, **kwargs):
+        trajectory = roll_trajectory(velocity, noise, timesteps, *args, **kwargs)
+        rolls.append((len(timesteps) - 1, noise, trajectory.sample))
+        return trajectory
+
+    def recording_rerun(*args):
+        reruns.append(rerun_step(*args))
+        return reruns[-1]
+
+    monkeypatch.setattr(dmdo, "roll_trajectory", recording_roll)
+    monkeypatch.setattr(dmdo, "rerun_step", recording_rerun)
+    seed_everything(0)
+    stage = DistillDMDOStage(
+        model=str(stage2_dir), teacher=str(stage2_dir), real_score_steps=3, regression_weight=0.5,
+        generator_every=2,
+    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, 2, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(stage, _data())
+    assert [steps for steps, _, _ in rolls] == [6, 3, 6]  # the teacher rolls on step 0's generator turn
+    (_, student_noise, _), (_, teacher_noise, teacher_sample) = rolls[:2]
+    assert torch.equal(teacher_noise, student_noise) and len(reruns) == 1
+    expected = F.mse_loss(reruns[0].detach().float(), teacher_sample.float())
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["train/generator/regression"], expected, rtol=1e-4, atol=1e-6)
+    total = metrics["train/generator/dmd"] + 0.5 * metrics["train/generator/regression"]
+    torch.testing.assert_close(metrics["train/generator/loss"], total)  # the back-propagated loss
+
+
+@pytest.mark.parametrize(("weight", "mode"), [(-1.0, "ode"), (1.0, "sde")])
+def test_regression_needs_a_non_negative_weight_and_the_ode(
+    stage2_dir: Path, weight: float, mode: str
+) -> None:
+    with pytest.raises(ValueError, match="regression_weight"):
+        DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), regression_weight=weight, mode=mode)
 
 
 class UnshuffledData(GenerationDataModule):
