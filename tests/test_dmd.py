@@ -344,14 +344,6 @@ def test_regression_needs_a_non_negative_weight_and_the_ode(
         DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), regression_weight=weight, mode=mode)
 
 
-class UnshuffledData(GenerationDataModule):
-    """The same batch order in every epoch, so that a run resumed at an epoch boundary reads what an
-    uninterrupted one reads (the shapes module's loader draws its order from the global random state)."""
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=False)
-
-
 def test_dmdo_with_a_learned_real_score_resumes_bit_exactly(tmp_path: Path, stage2_dir: Path) -> None:
     def run(root: Path, max_steps: int, ckpt_path: str | None = None) -> DistillDMDOStage:
         seed_everything(0)
@@ -360,7 +352,7 @@ def test_dmdo_with_a_learned_real_score_resumes_bit_exactly(tmp_path: Path, stag
         trainer = quiet_trainer(root, max_steps, [checkpoints], limit_val_batches=0, num_sanity_val_steps=0)
         trainer.fit(
             stage,
-            UnshuffledData("tiny", n_train=2, n_val=2, batch_size=2),
+            GenerationDataModule("tiny", n_train=4, n_val=2, batch_size=2),  # 4 batches: resumed mid-epoch
             ckpt_path=ckpt_path,
             weights_only=False,  # the hyperparameters hold partials
         )

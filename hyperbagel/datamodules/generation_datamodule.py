@@ -3,8 +3,9 @@
 Each batch holds one task kind (a text-to-image batch never pays for the image-CFG pass of edits) and
 one latent grid. Two sources:
 - `GenerationDataModule`: the shapes world. Batches are made once per split from a seeded permutation
-  and the loader shuffles their order; images are rendered when a batch is made. Targets are the exact
-  renders (for edits the exact edited scene).
+  and visited in an epoch-seeded order split across DDP ranks (`ResumableBatchOrder`); a run restored
+  from a checkpoint continues with the next unseen batch of its epoch. Images are rendered when a batch
+  is made. Targets are the exact renders (for edits the exact edited scene).
 - `ParquetGenerationDataModule`: BAGEL-format text-to-image and editing parquet (real scale), streamed
   through the same readers as stage 0, one item per caption / per edit turn, bucketed by task and grid.
 """
@@ -12,15 +13,16 @@ one latent grid. Two sources:
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from hyperbagel.backbone.packing import Sample, TextBlock, VaeImage, VitImage
-from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
+from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer, rank_and_world
 from hyperbagel.datamodules.packed_dataset import DataGroup, normalise_groups
 from hyperbagel.datamodules.readers import Reader
 from hyperbagel.datamodules.shapes import EditSample, ShapesWorld, T2ISample
@@ -105,6 +107,32 @@ class ShapesGenerationBatches(Dataset):
         )
 
 
+class ResumableBatchOrder(DistributedSampler):
+    """The training batches' order: a permutation seeded by (seed, epoch), each rank taking its share
+    (equal shares, the remainder dropped), resumable mid-epoch.
+
+    Why a `DistributedSampler`: its order does not depend on the global random state (which a restored
+    run does not share with the interrupted one), and Lightning leaves such a sampler in place under DDP
+    instead of wrapping it. `resume_at(epoch, consumed)` makes that epoch's next iteration start after
+    the batches this rank already consumed; other epochs are untouched."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        self._resume = (epoch, consumed)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(super().__iter__())
+        if self._resume is not None and self._resume[0] <= self.epoch:
+            epoch, consumed = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                order = order[consumed:]
+        return iter(order)
+
+
 class GenerationDataModule(LightningDataModule):
     """Shapes-world text-to-image and editing batches for the distillation stages.
 
@@ -115,8 +143,12 @@ class GenerationDataModule(LightningDataModule):
         n_train / n_val / n_test: samples per kind in each split (0 disables validation / testing).
         batch_size: samples per batch (single-kind batches).
         canvas_size / world_seed: the world's canvas and seed (splits do not depend on the seed).
-        seed: how samples are grouped into training batches.
+        seed: how samples are grouped into training batches and the batches ordered in each epoch.
         num_workers: DataLoader workers.
+
+    The position in the training data (epoch, batches consumed in it) is in the checkpoint; a restored
+    run skips what its epoch already consumed. Under DDP every rank consumes the same number of batches,
+    so rank 0's count serves all.
     """
 
     def __init__(
@@ -151,6 +183,8 @@ class GenerationDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.datasets: dict[str, ShapesGenerationBatches] = {}
+        self.position = {"epoch": 0, "consumed": 0}  # training batches consumed in that epoch
+        self._restored: dict[str, int] | None = None
 
     def split(self, name: str) -> ShapesGenerationBatches:
         """The batches of a split (built on first use)."""
@@ -169,24 +203,52 @@ class GenerationDataModule(LightningDataModule):
             )
         return self.datasets[name]
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str, sampler: ResumableBatchOrder | None = None) -> DataLoader:
         return DataLoader(
             self.split(name),
             batch_size=None,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=_unwrap,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        rank, world_size = rank_and_world(self)
+        order = ResumableBatchOrder(self.split("train"), world_size, rank, self.seed)
+        if self.trainer is not None:  # Lightning opens the first iterator before it sets the epoch
+            order.set_epoch(self.trainer.current_epoch)
+        if self._restored is not None:
+            self.position = dict(self._restored)
+            order.resume_at(self.position["epoch"], self.position["consumed"])
+            self._restored = None
+        return self._loader("train", order)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.sizes["val"] else []
+        return self._loader("val") if self.sizes["val"] else []
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test", shuffle=False) if self.sizes["test"] else []
+        return self._loader("test") if self.sizes["test"] else []
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches the trainer is about to consume (the checkpoint's position)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            if epoch != self.position["epoch"]:
+                self.position = {"epoch": epoch, "consumed": 0}
+            self.position["consumed"] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.position if self._restored is None else self._restored)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"epoch", "consumed"}:
+            raise ValueError(f"not a GenerationDataModule position: keys {sorted(state_dict)}")
+        self._restored = {"epoch": int(state_dict["epoch"]), "consumed": int(state_dict["consumed"])}
+        # Lightning cannot see that this module resumes mid-epoch (its loaders hold no state) and warns
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 # --- BAGEL-format parquet ------------------------------------------------------------------------------

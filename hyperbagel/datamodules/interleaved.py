@@ -64,7 +64,7 @@ def load_model_config(name: str, tokenizer: PreTrainedTokenizerBase) -> BagelCon
     return config
 
 
-def _rank_and_world(module: LightningDataModule) -> tuple[int, int]:
+def rank_and_world(module: LightningDataModule) -> tuple[int, int]:
     trainer = module.trainer
     if trainer is not None:
         return trainer.global_rank, trainer.world_size
@@ -137,7 +137,7 @@ class InterleavedDataModule(LightningDataModule):
     def _dataset(
         self, groups: list[DataGroup], infinite: bool, position: DataPosition | None
     ) -> PackedDataset:
-        rank, world_size = _rank_and_world(self)
+        rank, world_size = rank_and_world(self)
         return PackedDataset(
             groups,
             self.tokenizer,
@@ -203,7 +203,7 @@ class InterleavedDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's data position (a collective under DDP: Lightning calls it on all ranks)."""
         local = self._local_state() if self._restored is None else self._restored_local()
-        rank, world_size = _rank_and_world(self)
+        rank, world_size = rank_and_world(self)
         ranks = [local]
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             ranks = [None] * world_size
@@ -216,12 +216,12 @@ class InterleavedDataModule(LightningDataModule):
         self._restored = state_dict
 
     def _restored_local(self) -> dict[str, Any]:
-        rank, _ = _rank_and_world(self)
+        rank, _ = rank_and_world(self)
         ranks = self._restored["ranks"]
         return ranks[rank] if rank < len(ranks) else {"cursors": {}, "next_stream": 0, "num_streams": None}
 
     def _position_from_state(self, state: dict[str, Any]) -> DataPosition:
-        rank, world_size = _rank_and_world(self)
+        rank, world_size = rank_and_world(self)
         local = self._restored_local()
         streams = max(1, self.num_workers)
         saved_streams = local["num_streams"]
