@@ -25,8 +25,9 @@ Three options go beyond the paper's description where it leaves the two scores a
 - `regression_weight` (ode mode only): adds `weight * MSE(x0, teacher's x0)` to the generator's loss,
   the re-run step's x0 prediction against the teacher's `real_score_steps`-step ODE sample from the same
   x_T (DMD's regression loss on paired teacher samples). Why: the distribution-matching gradient alone
-  left the 6-step student short of the teacher's samples it is matched to (README, "Distillation");
-  on the ODE the pairing is deterministic, so the regression target is well posed.
+  left the 6-step student short of the teacher's samples it is matched to; on the ODE the pairing is
+  deterministic, so the regression target is well posed. Measured on the shapes preset at weight 1 it
+  slowed the approach to the teacher instead (README, "Distillation"), so it is off by default.
 """
 
 from __future__ import annotations
