@@ -298,6 +298,28 @@ def test_a_learned_real_score_is_fitted_to_the_teachers_samples_and_checkpointed
     assert {"train/real_score/loss", "train/fake_score/loss"} <= set(trainer.callback_metrics)
 
 
+@pytest.mark.parametrize("score_noise", ["trajectory", "fresh"])
+def test_fake_and_learned_real_scores_share_their_interpolation_draws(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stage2_dir: Path, score_noise: str
+) -> None:
+    import hyperbagel.lightning_modules.distill_dmdo as dmdo
+
+    draws: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def recording_add_noise(x0, noise, times):
+        draws.append((x0, noise, times))
+        return add_noise(x0, noise, times)
+
+    monkeypatch.setattr(dmdo, "add_noise", recording_add_noise)
+    stage = _learned_real_stage(stage2_dir, real_score_steps=2)
+    stage.score_noise = score_noise
+    trainer = quiet_trainer(tmp_path, 1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(stage, _data(), weights_only=False)
+    (fake_x0, fake_eps, fake_t), (real_x0, real_eps, real_t), _ = draws  # then the generator's
+    assert not torch.equal(fake_x0, real_x0)  # the student's sample, then the teacher's
+    assert torch.equal(fake_eps, real_eps) and torch.equal(fake_t, real_t)
+
+
 def test_regression_pulls_the_rerun_x0_to_the_teachers_ode_sample(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stage2_dir: Path
 ) -> None:

@@ -175,6 +175,14 @@ class DistillDMDOStage(GenerationDistillStage):
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape, like=x)
 
+    def score_interpolation(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(times, noise) of one step's learned-score regressions, drawn once for the fake and a learned
+        real score alike: fitted at the same times with the same noise, their fitting errors are common
+        random numbers and cancel more in the real-minus-fake difference the generator follows."""
+        times = sample_training_timesteps(len(noise), self.fake_time_shift, self.batch_generator)
+        reuse_noise = self.mode == "ode" and self.score_noise == "trajectory"
+        return times, noise if reuse_noise else self.noise_like(noise)
+
     def fit_score(
         self,
         name: str,
@@ -182,12 +190,10 @@ class DistillDMDOStage(GenerationDistillStage):
         contexts: ImageContexts,
         guidance: list[CFGConfig],
         sample: torch.Tensor,
-        noise: torch.Tensor,
+        interpolation: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """One regression step of a learned score: velocity `x_T - x_0` at interpolations of `sample`."""
-        times = sample_training_timesteps(len(sample), self.fake_time_shift, self.batch_generator)
-        reuse_noise = self.mode == "ode" and self.score_noise == "trajectory"
-        eps = noise if reuse_noise else self.noise_like(sample)
+        times, eps = interpolation
         x_t = add_noise(sample, eps, times)
         with weights.applied(self.model):  # its backward recomputes layers with these weights
             velocity = contexts.velocity(x_t, times.to(self.device), guidance)
@@ -207,7 +213,8 @@ class DistillDMDOStage(GenerationDistillStage):
         )
 
         # the fake score learns the student's distribution, a learned real score the teacher's
-        self.fit_score("fake_score", self.fake_score, contexts, guidance, trajectory.sample, noise)
+        interpolation = self.score_interpolation(noise)
+        self.fit_score("fake_score", self.fake_score, contexts, guidance, trajectory.sample, interpolation)
         teacher_sample = None
         if self.real_score is not None or (self.regression_weight and self.generator_turn()):
             with self.teacher.applied(self.model):  # swapped in once for the whole rollout
@@ -217,7 +224,7 @@ class DistillDMDOStage(GenerationDistillStage):
                     self.sampling_timesteps(self.real_score_steps),
                 ).sample
         if self.real_score is not None:
-            self.fit_score("real_score", self.real_score, contexts, guidance, teacher_sample, noise)
+            self.fit_score("real_score", self.real_score, contexts, guidance, teacher_sample, interpolation)
 
         if not self.generator_turn():
             return
