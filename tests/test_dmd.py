@@ -256,7 +256,7 @@ def test_dmdo_refuses_unknown_score_options(stage2_dir: Path, option: str, value
         DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), **{option: value})
 
 
-def _learned_real_stage(stage2_dir: Path, real_score_steps: int) -> DistillDMDOStage:
+def _learned_real_stage(stage2_dir: Path, real_score_steps: int, **options) -> DistillDMDOStage:
     """A DMDO stage with a learned real score whose three models all step every batch."""
     return DistillDMDOStage(
         model=str(stage2_dir),
@@ -266,6 +266,7 @@ def _learned_real_stage(stage2_dir: Path, real_score_steps: int) -> DistillDMDOS
         generator_every=1,
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
         fake_score_optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        **options,
     )
 
 
@@ -311,8 +312,7 @@ def test_fake_and_learned_real_scores_share_their_interpolation_draws(
         return add_noise(x0, noise, times)
 
     monkeypatch.setattr(dmdo, "add_noise", recording_add_noise)
-    stage = _learned_real_stage(stage2_dir, real_score_steps=2)
-    stage.score_noise = score_noise
+    stage = _learned_real_stage(stage2_dir, real_score_steps=2, score_noise=score_noise)
     trainer = quiet_trainer(tmp_path, 1, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(stage, _data(), weights_only=False)
     (fake_x0, fake_eps, fake_t), (real_x0, real_eps, real_t), _ = draws  # then the generator's
