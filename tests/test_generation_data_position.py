@@ -73,7 +73,7 @@ def _fit(root: Path, max_steps: int, ckpt_path: Path | None = None) -> RecordTex
 @pytest.mark.parametrize("stop", [4, 8], ids=["mid_first_epoch", "mid_second_epoch"])
 def test_a_restored_run_continues_with_the_next_unseen_batch(tmp_path: Path, stop: int) -> None:
     straight = _fit(tmp_path / "straight", 10).seen
-    assert len(straight) == 10 and straight[:6] != straight[6:] + straight[:2]  # epoch 1 reshuffled
+    assert len(straight) == 10 and straight[6:] != straight[:4]  # epoch 1 is reshuffled
     _fit(tmp_path / "first", stop)
     checkpoint = tmp_path / "first" / f"epoch={stop // 6}-step={stop}.ckpt"
     resumed = _fit(tmp_path / "resumed", 10, checkpoint).seen
