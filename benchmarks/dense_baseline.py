@@ -61,6 +61,7 @@ WARMUP_STEPS = 200
 MIN_LR_RATIO = 0.05
 ENCODE_BATCH = 500
 LOG_EVERY = 250  # steps between progress lines on stderr
+X0_MIN_TIME = 0.05  # JiT's clip: an x0 prediction is turned into a velocity dividing by max(t, this)
 
 
 class DenseFlowTransformer(nn.Module):
@@ -89,7 +90,7 @@ class DenseFlowTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     ) -> torch.Tensor:
-        """x [B, N, D] noisy tokens at times t [B] -> velocity [B, N, D]; prompt_mask True = real token."""
+        """x [B, N, D] noisy tokens at times t [B] -> output [B, N, D]; prompt_mask True = real token."""
         width = self.image_pos.shape[1]
         time = self.time_mlp(get_timestep_embedding(t * 1000, width).to(x.dtype))
         image = self.image_in(x) + self.image_pos + time[:, None]
@@ -97,6 +98,16 @@ class DenseFlowTransformer(nn.Module):
         keep = torch.cat([prompt_mask, prompt_mask.new_ones(x.shape[:2])], dim=1)
         hidden = self.encoder(torch.cat([text, image], dim=1), src_key_padding_mask=~keep)
         return self.image_out(self.norm(hidden[:, text.shape[1] :]))
+
+
+def output_velocity(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The velocity the flow loss and the sampler use. With x0 prediction (JiT, "Back to Basics") the
+    network outputs the clean tokens and `v = (x_t - x0) / t` follows, so it never has to reproduce the
+    noise through its width; the loss stays the velocity MSE."""
+    if prediction == "velocity":
+        return output
+    times = t.float().clamp(min=X0_MIN_TIME).reshape(-1, *(1,) * (x_t.ndim - 1))
+    return (x_t.float() - output.float()) / times
 
 
 def encode_prompts(
@@ -171,8 +182,10 @@ def train(
         x0 = tokens[rows]
         t = sample_training_timesteps(args.batch_size, args.shift, generator)
         noise = torch.randn(x0.shape, generator=generator)
+        x_t = add_noise(x0, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            velocity = model(add_noise(x0, noise, t), t, ids, mask)
+            output = model(x_t, t, ids, mask)
+        velocity = output_velocity(output, x_t, t, args.prediction)
         loss = (velocity.float() - velocity_target(x0, noise)).pow(2).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {len(losses)}")
@@ -216,10 +229,10 @@ def sample(
     def velocity(x: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
         times = t.expand(len(x))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            conditional = model(x, times, ids, mask).float()
+            conditional = output_velocity(model(x, times, ids, mask), x, times, args.prediction)
             if not sampler.cfg.needs_text_uncond(t):
                 return conditional
-            unconditional = model(x, times, null_ids, null_mask).float()
+            unconditional = output_velocity(model(x, times, null_ids, null_mask), x, times, args.prediction)
         return cfg_combine(conditional, unconditional, None, sampler.cfg, t)
 
     latents = euler_sample(velocity, noise, sampling_schedule(sampler.num_timesteps, sampler.shift))
@@ -243,6 +256,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--shift", type=float, default=6.0, help="training timestep shift")
+    parser.add_argument(
+        "--prediction",
+        choices=("velocity", "x0"),
+        default="velocity",
+        help="what the network outputs (x0: JiT's clean-token prediction, converted to a velocity)",
+    )
     parser.add_argument("--max-prompt", type=int, default=24, help="prompt tokens (incl. <|im_start|>)")
     parser.add_argument("--num-timesteps", type=int, default=50, help="sampling grid points")
     parser.add_argument("--sample-shift", type=float, default=3.0, help="timestep shift of the sampler")

@@ -91,7 +91,7 @@ def test_parquet_batches_are_the_shapes_items_read_back(tmp_path: Path, data, sh
     module = ParquetGenerationDataModule(
         groups, "shapes", "tiny", batch_size=2, val_groups=groups[:1], val_batches=2
     )
-    batches = [b for b, _ in zip(module.train_dataloader(), range(6))]
+    batches = [module.on_before_batch_transfer(b, 0) for b, _ in zip(module.train_dataloader(), range(6))]
     assert all(
         len(set(b.kinds)) == 1 and b.grid == (8, 8) and b.target_images.shape == (2, 3, 32, 32)
         for b in batches

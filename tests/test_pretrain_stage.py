@@ -108,7 +108,9 @@ trainer:
     assert result.returncode == 0, result.stderr[-3000:]
     events = next((tmp_path / "logs" / "stage0").rglob("events.out.tfevents.*"))
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert {"train/loss", "train/ce", "train/mse", "val/loss"} <= set(scalars)
+    assert {"train/loss", "train/ce", "train/mse", "val/loss", "data/rows_read", "data/bad_rows"} <= set(
+        scalars
+    )
 
 
 def test_warmup_cosine_schedule_values() -> None:

@@ -7,24 +7,32 @@ one latent grid. Two sources:
   from a checkpoint continues with the next unseen batch of its epoch. Images are rendered when a batch
   is made. Targets are the exact renders (for edits the exact edited scene).
 - `ParquetGenerationDataModule`: BAGEL-format text-to-image and editing parquet (real scale), streamed
-  through the same readers as stage 0, one item per caption / per edit turn, bucketed by task and grid.
+  through stage 0's readers and data streams, one item per caption / per edit turn, bucketed by task and
+  grid; resumable like stage 0's data (the cursor of each consumed batch is kept in checkpoints).
 """
 
 from __future__ import annotations
 
 import random
 import warnings
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hyperbagel.backbone.packing import Sample, TextBlock, VaeImage, VitImage
-from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer, rank_and_world
-from hyperbagel.datamodules.packed_dataset import DataGroup, normalise_groups
-from hyperbagel.datamodules.readers import Reader
+from hyperbagel.datamodules.interleaved import (
+    ResumableStreams,
+    StreamPositions,
+    load_model_config,
+    load_tokenizer,
+    rank_and_world,
+)
+from hyperbagel.datamodules.packed_dataset import DataGroup, DataPosition, GroupMixture, normalise_groups
+from hyperbagel.datamodules.readers import BadRow, Reader
 from hyperbagel.datamodules.shapes import EditSample, ShapesWorld, T2ISample
 from hyperbagel.distillation.batches import (
     TASKS,
@@ -279,12 +287,36 @@ def reader_items(sample: Sample, kind: str, reader: Reader) -> list[GenerationIt
     return items
 
 
-class ParquetGenerationStream(IterableDataset):
+def generation_groups(groups: list[DataGroup | dict[str, Any]]) -> list[DataGroup]:
+    """`normalise_groups`, refusing kinds a distillation batch cannot hold (understanding data)."""
+    groups = normalise_groups(groups)
+    bad = sorted({g.kind for g in groups} - set(TASKS))
+    if bad:
+        raise ValueError(f"generation data groups must be of kinds {TASKS}, got {bad}")
+    return groups
+
+
+@dataclass
+class PositionedBatch:
+    """A training batch of `ParquetGenerationStream` with its stream's cursor after it (`StreamItem`);
+    the data module records the cursor and hands the stages the bare batch."""
+
+    batch: GenerationBatch
+    stream: int
+    num_streams: int
+    cursor: dict[str, Any] | None
+    bad_rows: list[BadRow]
+
+
+class ParquetGenerationStream(GroupMixture):
     """Endless single-kind, single-grid batches from weighted t2i / edit parquet groups.
 
-    Every (rank, worker) stream reads its own share of the row groups (units) in a seeded order,
-    reshuffled each pass; groups are drawn by weight; bad rows are skipped. Items wait in a bucket per
-    (task, grid) until `batch_size` of them are there.
+    Rows come from `GroupMixture`'s data streams (seeded shares per rank and worker, groups drawn by
+    weight, bad rows skipped and counted, `max_bad_fraction` enforced). Items wait in a bucket per
+    (task, grid) until `batch_size` of them are there. A batch's cursor is the stream's cursor after its
+    last draw plus, under "waiting", the cursor before the draw of every item still waiting (in a
+    bucket, or a later turn of the last edit chain); a restart re-reads those rows into their buckets in
+    their original order, so the restored stream yields exactly the batches the old one would have.
     """
 
     def __init__(
@@ -295,50 +327,84 @@ class ParquetGenerationStream(IterableDataset):
         batch_size: int,
         seed: int = 0,
         max_tokens_per_sample: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        position: DataPosition | None = None,
+        max_bad_fraction: float = 1.0,
+        bad_fraction_min_rows: int = 100,
     ) -> None:
-        bad = sorted({g.kind for g in groups} - set(TASKS))
-        if bad:
-            raise ValueError(f"generation data groups must be of kinds {TASKS}, got {bad}")
-        self.groups = groups
-        self.tokenizer = tokenizer
-        self.config = config
+        groups = generation_groups(groups)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        super().__init__(
+            groups,
+            tokenizer,
+            config,
+            max_tokens_per_sample,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            position=position,
+            max_bad_fraction=max_bad_fraction,
+            bad_fraction_min_rows=bad_fraction_min_rows,
+        )
         self.batch_size = batch_size
-        self.seed = seed
-        self.max_tokens_per_sample = max_tokens_per_sample
-        self.rank, self.world_size = 0, 1
+        self.group_index = {g.name: i for i, g in enumerate(self.groups)}
 
-    def _rows(self, reader: Reader, shard: int, shards: int, rng: np.random.Generator) -> Iterator[Any]:
-        units = reader.units[shard::shards] or reader.units
-        while True:
-            for index in rng.permutation(len(units)):
-                unit = units[index]
-                for row, raw in reader.load_unit(unit):
-                    yield reader.decode(unit.file, row, raw, np.random.default_rng([self.seed, row]))
+    def _items(self, drawn: Any) -> list[GenerationItem]:
+        index = self.group_index[drawn.group]
+        return reader_items(drawn.sample, self.groups[index].kind, self.readers[index])
 
-    def __iter__(self) -> Iterator[GenerationBatch]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shard, shards = self.rank * workers + worker, self.world_size * workers
-        rng = np.random.default_rng([self.seed, shard])
-        readers = [g.reader(self.tokenizer, self.config, self.max_tokens_per_sample) for g in self.groups]
-        streams = [self._rows(r, shard, shards, rng) for r in readers]
-        weights = np.array([g.weight for g in self.groups], dtype=np.float64)
-        buckets: dict[tuple[str, tuple[int, int]], list[GenerationItem]] = {}
+    def _batches(
+        self, stream: int, num_streams: int, cursor: dict[str, Any] | None
+    ) -> Iterator[PositionedBatch]:
+        before_draw: dict[int, dict[str, Any]] = {}  # stream position before each draw with waiting items
+        waiting: deque[tuple[int, int, GenerationItem]] = deque()  # (draw, item index, item) not bucketed
+        buckets: dict[tuple[str, tuple[int, int]], list[tuple[int, int, GenerationItem]]] = {}
+        bad_rows: list[BadRow] = []
+        draws = 0
+        if cursor is not None:  # re-read the rows of the waiting items, oldest first
+            for snapshot, indexes in cursor["waiting"]:
+                items = self._items(self._stream(stream, num_streams, snapshot).draw())
+                before_draw[draws] = snapshot
+                waiting.extend((draws, i, items[i]) for i in indexes)
+                draws += 1
+        state = self._stream(stream, num_streams, cursor)
         while True:
-            choice = int(rng.choice(len(streams), p=weights / weights.sum()))
-            sample = next(streams[choice])
-            if not isinstance(sample, list):  # a BadRow: skipped
+            if not waiting:
+                snapshot = state.snapshot()
+                drawn = state.draw()
+                bad_rows += drawn.bad_rows
+                before_draw[draws] = snapshot
+                waiting.extend((draws, i, item) for i, item in enumerate(self._items(drawn)))
+                draws += 1
                 continue
-            for item in reader_items(sample, self.groups[choice].kind, readers[choice]):
-                bucket = buckets.setdefault((item.kind, item.grid), [])
-                bucket.append(item)
-                if len(bucket) == self.batch_size:
-                    yield GenerationBatch.collate(bucket)
-                    bucket.clear()
+            entry = waiting.popleft()
+            bucket = buckets.setdefault((entry[2].kind, entry[2].grid), [])
+            bucket.append(entry)
+            if len(bucket) < self.batch_size:
+                continue
+            batch = GenerationBatch.collate([item for _, _, item in bucket])
+            bucket.clear()
+            held = sorted([*waiting, *(e for b in buckets.values() for e in b)], key=lambda e: e[:2])
+            for draw in [d for d in before_draw if d not in {e[0] for e in held}]:
+                del before_draw[draw]
+            by_draw: dict[int, list[int]] = {}
+            for draw, index, _ in held:
+                by_draw.setdefault(draw, []).append(index)
+            after = {**state.snapshot(), "waiting": [[before_draw[d], by_draw[d]] for d in by_draw]}
+            yield PositionedBatch(batch, stream, num_streams, after, bad_rows)
+            bad_rows = []
 
 
-class ParquetGenerationDataModule(LightningDataModule):
+class ParquetGenerationDataModule(ResumableStreams, LightningDataModule):
     """Distillation batches from BAGEL-format parquet (real scale; see `ParquetGenerationStream`).
+
+    Resumable like `InterleavedDataModule`: the cursor of every training batch the trainer consumes is
+    kept and saved for every rank in checkpoints, so a restored run continues with exactly the next
+    unseen batches (same world size and worker count required unless `strict_resume` is False). Bad rows
+    are skipped and counted; a stream stops with `BadDataError` once more than `max_bad_fraction` of its
+    rows were bad.
 
     Args:
         groups: t2i / edit `DataGroup`s (dicts with kind, paths, weight, parquet_info).
@@ -348,6 +414,7 @@ class ParquetGenerationDataModule(LightningDataModule):
         max_tokens_per_sample: rows whose sample exceeds this are skipped.
         seed: seeds the streams (with rank and worker).
         num_workers: DataLoader workers per rank.
+        max_bad_fraction / bad_fraction_min_rows / strict_resume: as `InterleavedDataModule`.
     """
 
     def __init__(
@@ -361,36 +428,59 @@ class ParquetGenerationDataModule(LightningDataModule):
         max_tokens_per_sample: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        max_bad_fraction: float = 0.05,
+        bad_fraction_min_rows: int = 100,
+        strict_resume: bool = True,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer)
         self.config = load_model_config(model_config, self.tokenizer)
-        common = (self.tokenizer, self.config, batch_size, seed, max_tokens_per_sample)
-        self.train_stream = ParquetGenerationStream(normalise_groups(groups), *common)
-        self.val_stream = (
-            ParquetGenerationStream(normalise_groups(val_groups), *common) if val_groups else None
-        )
+        self.groups = generation_groups(groups)
+        self.val_groups = generation_groups(val_groups) if val_groups else []
+        self.options = {
+            "batch_size": batch_size,
+            "seed": seed,
+            "max_tokens_per_sample": max_tokens_per_sample,
+            "max_bad_fraction": max_bad_fraction,
+            "bad_fraction_min_rows": bad_fraction_min_rows,
+        }
         self.val_batches = val_batches
         self.num_workers = num_workers
+        self.positions = StreamPositions(strict_resume)
 
-    def setup(self, stage: str) -> None:
-        if self.trainer is not None:
-            self.train_stream.rank, self.train_stream.world_size = (
-                self.trainer.global_rank,
-                self.trainer.world_size,
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_stream, batch_size=None, collate_fn=_unwrap, num_workers=self.num_workers
+    def _stream(
+        self, groups: list[DataGroup], position: DataPosition | None, rank: int = 0, world_size: int = 1
+    ) -> ParquetGenerationStream:
+        return ParquetGenerationStream(
+            groups,
+            self.tokenizer,
+            self.config,
+            rank=rank,
+            world_size=world_size,
+            position=position,
+            **self.options,
         )
 
+    def train_dataloader(self) -> DataLoader:
+        # Fresh workers per iteration: each restart re-reads the shared position.
+        position = self.positions.for_training(self, self.num_workers)
+        stream = self._stream(self.groups, position, *rank_and_world(self))
+        return DataLoader(stream, batch_size=None, collate_fn=_unwrap, num_workers=self.num_workers)
+
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_stream is None:
+        if not self.val_groups:
             return []
         batches = []
-        for batch in self.val_stream:  # a fixed list: the same batches at every validation
-            batches.append(batch)
+        for positioned in self._stream(self.val_groups, None):  # rank 0's: the same batches every time
+            batches.append(positioned.batch)
             if len(batches) == self.val_batches:
                 break
         return DataLoader(batches, batch_size=None, collate_fn=_unwrap)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position after each training batch the trainer is about to consume."""
+        if not isinstance(batch, PositionedBatch):
+            return batch
+        if self.trainer is None or self.trainer.training:
+            self.positions.record(batch)
+        return batch.batch

@@ -20,7 +20,7 @@ import dataclasses
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -121,6 +121,16 @@ class TrainingPack:
         return dataclasses.replace(self, packed=packed_to_device(self.packed, device))
 
 
+class StreamItem(Protocol):
+    """What a data stream yields besides its batch: which stream made it and the stream's cursor after
+    it (None outside training), so that `DataPosition.record` can keep the position."""
+
+    stream: int
+    num_streams: int
+    cursor: dict[str, Any] | None
+    bad_rows: list[BadRow]
+
+
 @dataclass
 class DataPosition:
     """Cursor of each data stream of one rank after its last consumed pack, and the stream due next
@@ -130,12 +140,12 @@ class DataPosition:
     next_stream: int = 0
     num_streams: int | None = None
 
-    def record(self, pack: TrainingPack) -> None:
-        if pack.cursor is None:
-            raise ValueError("only packs of an infinite (training) stream carry a cursor")
-        self.cursors[pack.stream] = pack.cursor
-        self.num_streams = pack.num_streams
-        self.next_stream = (pack.stream + 1) % pack.num_streams
+    def record(self, item: StreamItem) -> None:
+        if item.cursor is None:
+            raise ValueError("only items of an infinite (training) stream carry a cursor")
+        self.cursors[item.stream] = item.cursor
+        self.num_streams = item.num_streams
+        self.next_stream = (item.stream + 1) % item.num_streams
 
     def rows_read(self) -> int:
         return sum(c["rows_read"] for c in self.cursors.values())
@@ -300,7 +310,7 @@ class _Drawn(NamedTuple):
 class _DataStream:
     """The mixture as read by one data stream (one rank's one worker)."""
 
-    def __init__(self, dataset: PackedDataset, stream: int, num_streams: int) -> None:
+    def __init__(self, dataset: GroupMixture, stream: int, num_streams: int) -> None:
         self.dataset = dataset
         self.shard = dataset.rank * num_streams + stream
         num_shards = dataset.world_size * num_streams
@@ -359,14 +369,79 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-class PackedDataset(IterableDataset):
-    """Packs of a weighted mixture of BAGEL-format groups; infinite (reshuffled epochs) for training,
-    one pass over every group for validation (no shuffle, no CFG dropout, no cursors).
+class GroupMixture(IterableDataset):
+    """Samples of weighted BAGEL-format groups, one data stream per (rank, worker), resumable from a
+    `DataPosition`; infinite (reshuffled epochs) for training, one ordered pass over every group
+    otherwise. Subclasses turn a stream's draws into batches (`_batches`).
 
     `rank` / `world_size` default to torch.distributed's when it is initialised; `position`, when
     given, is read at each `iter()` (so a shared, updated `DataPosition` restarts every stream right
-    after its last consumed pack).
+    after its last consumed item).
     """
+
+    def __init__(
+        self,
+        groups: Sequence[DataGroup | dict[str, Any]],
+        tokenizer: PreTrainedTokenizerBase,
+        config: BagelConfig,
+        max_tokens_per_sample: int | None,
+        seed: int = 0,
+        infinite: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        position: DataPosition | None = None,
+        max_bad_fraction: float = 1.0,
+        bad_fraction_min_rows: int = 100,
+        dropout: CfgDropout | None = None,
+    ) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction {max_bad_fraction} is not in [0, 1]")
+        self.groups = normalise_groups(groups)
+        self.config = config
+        self.readers = [g.reader(tokenizer, config, max_tokens_per_sample) for g in self.groups]
+        for reader in self.readers:
+            reader.units  # noqa: B018 - list files and units once, here, so a bad path fails at once
+        self.dropout = dropout if infinite else None
+        self.seed = seed
+        self.infinite = infinite
+        default_rank, default_world = _distributed_rank()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}")
+        self.position = position
+        self.max_bad_fraction, self.bad_fraction_min_rows = max_bad_fraction, bad_fraction_min_rows
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        num_streams, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        position = self.position if self.infinite else None
+        cursor = None
+        stream = worker
+        if position is not None and position.cursors:
+            if position.num_streams != num_streams:
+                raise ValueError(
+                    f"the data position was recorded with {position.num_streams} streams per rank "
+                    f"(dataloader workers) and cannot restart {num_streams}"
+                )
+            stream = (worker + position.next_stream) % num_streams
+            cursor = position.cursors.get(stream)
+        return self._batches(stream, num_streams, cursor)
+
+    def _stream(self, stream: int, num_streams: int, cursor: dict[str, Any] | None = None) -> _DataStream:
+        """Data stream `stream` of this rank, restarted at `cursor` when given."""
+        state = _DataStream(self, stream, num_streams)
+        if cursor is not None:
+            state.restore(cursor)
+        return state
+
+    def _batches(self, stream: int, num_streams: int, cursor: dict[str, Any] | None) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class PackedDataset(GroupMixture):
+    """Packs of a weighted mixture of BAGEL-format groups (`GroupMixture`), one packed row per item,
+    by BAGEL's greedy token budgets; no CFG dropout and no cursors outside training."""
 
     def __init__(
         self,
@@ -391,45 +466,26 @@ class PackedDataset(IterableDataset):
             )
         if not 0 < expected_tokens <= max_tokens:
             raise ValueError(f"need 0 < expected_tokens ({expected_tokens}) <= max_tokens ({max_tokens})")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction {max_bad_fraction} is not in [0, 1]")
-        self.groups = normalise_groups(groups)
-        self.config = config
+        super().__init__(
+            groups,
+            tokenizer,
+            config,
+            max_tokens_per_sample,
+            seed,
+            infinite,
+            rank,
+            world_size,
+            position,
+            max_bad_fraction,
+            bad_fraction_min_rows,
+            dropout,
+        )
         self.expected_tokens, self.max_tokens = expected_tokens, max_tokens
-        self.readers = [g.reader(tokenizer, config, max_tokens_per_sample) for g in self.groups]
-        for reader in self.readers:
-            reader.units  # noqa: B018 - list files and units once, here, so a bad path fails at once
-        self.dropout = dropout if infinite else None
-        self.seed = seed
-        self.infinite = infinite
-        default_rank, default_world = _distributed_rank()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}")
-        self.position = position
-        self.max_bad_fraction, self.bad_fraction_min_rows = max_bad_fraction, bad_fraction_min_rows
 
-    def __iter__(self) -> Iterator[TrainingPack]:
-        info = get_worker_info()
-        num_streams, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        position = self.position if self.infinite else None
-        cursor = None
-        stream = worker
-        if position is not None and position.cursors:
-            if position.num_streams != num_streams:
-                raise ValueError(
-                    f"the data position was recorded with {position.num_streams} streams per rank "
-                    f"(dataloader workers) and cannot restart {num_streams}"
-                )
-            stream = (worker + position.next_stream) % num_streams
-            cursor = position.cursors.get(stream)
-        return self._packs(stream, num_streams, cursor)
-
-    def _packs(self, stream: int, num_streams: int, cursor: dict[str, Any] | None) -> Iterator[TrainingPack]:
-        state = _DataStream(self, stream, num_streams)
-        if cursor is not None:
-            state.restore(cursor)
+    def _batches(
+        self, stream: int, num_streams: int, cursor: dict[str, Any] | None
+    ) -> Iterator[TrainingPack]:
+        state = self._stream(stream, num_streams, cursor)
         pending: _Drawn | None = None
         pending_cursor: dict[str, Any] | None = None
         while True:

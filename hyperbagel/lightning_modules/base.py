@@ -203,6 +203,14 @@ class BagelStage(LightningModule, ABC):
             )
         return None
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the rows read and skipped as bad where the data module counts them (BAGEL-format data),
+        so a run's data quality is on TensorBoard beside its losses."""
+        data = getattr(self.trainer, "datamodule", None)
+        if getattr(data, "bad_row_count", None) is not None:
+            self.log("data/rows_read", float(data.rows_read), on_step=True, on_epoch=False)
+            self.log("data/bad_rows", float(data.bad_row_count), on_step=True, on_epoch=False)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_losses"] = {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total}
 
