@@ -65,3 +65,16 @@ def test_prompts_are_padded_masked_and_length_checked(shapes_tokenizer) -> None:
     assert mask.sum(1).tolist() == [4, 1] and torch.all(ids[~mask] == 0)
     with pytest.raises(ValueError, match="more than --max-prompt 2"):
         encode(shapes_tokenizer, ["a red square"], 2)
+
+
+def test_x0_prediction_is_turned_into_the_flow_velocity(tmp_path: Path) -> None:
+    """An exact clean-token output gives the exact velocity `noise - x0` (times above the clip)."""
+    benchmark = load_benchmark("dense_baseline")
+    x0, noise = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    t = torch.tensor([0.9, 0.5, 0.2])
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    torch.testing.assert_close(benchmark.output_velocity(x0, x_t, t, "x0"), noise - x0)
+    assert benchmark.output_velocity(x0, x_t, t, "velocity") is x0
+    summary = _run(tmp_path, "--prediction", "x0")
+    _check(summary)
+    assert summary["settings"]["prediction"] == "x0"
