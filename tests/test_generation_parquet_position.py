@@ -149,7 +149,7 @@ def test_bad_rows_are_skipped_counted_logged_and_capped(tmp_path, caplog):
     )
     groups = [{"kind": "t2i", "paths": [path]}]
     module = make_module(groups, max_bad_fraction=0.6, bad_fraction_min_rows=10)
-    with caplog.at_level(logging.WARNING, logger="hyperbagel.datamodules.interleaved"):
+    with caplog.at_level(logging.WARNING, logger="hyperbagel.datamodules.resumable"):
         consume(module, 4)
     assert module.bad_rows and all(b.file == path and b.row % 2 == 0 for b in module.bad_rows)
     assert module.bad_row_count == len(module.bad_rows) and module.rows_read > module.bad_row_count

@@ -24,15 +24,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hyperbagel.backbone.packing import Sample, TextBlock, VaeImage, VitImage
-from hyperbagel.datamodules.interleaved import (
-    ResumableStreams,
-    StreamPositions,
-    load_model_config,
-    load_tokenizer,
-    rank_and_world,
-)
+from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
 from hyperbagel.datamodules.packed_dataset import DataGroup, DataPosition, GroupMixture, normalise_groups
 from hyperbagel.datamodules.readers import BadRow, Reader
+from hyperbagel.datamodules.resumable import ResumableStreams, StreamPositions, rank_and_world
 from hyperbagel.datamodules.shapes import EditSample, ShapesWorld, T2ISample
 from hyperbagel.distillation.batches import (
     TASKS,
