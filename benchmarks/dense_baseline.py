@@ -100,7 +100,9 @@ class DenseFlowTransformer(nn.Module):
         return self.image_out(self.norm(hidden[:, text.shape[1] :]))
 
 
-def output_velocity(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str) -> torch.Tensor:
+def output_velocity(
+    output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str
+) -> torch.Tensor:
     """The velocity the flow loss and the sampler use. With x0 prediction (JiT, "Back to Basics") the
     network outputs the clean tokens and `v = (x_t - x0) / t` follows, so it never has to reproduce the
     noise through its width; the loss stays the velocity MSE."""
