@@ -9,6 +9,9 @@ the whole stream is a deterministic function of its *cursor*: the draw count and
 unit, row) position. Every pack carries its stream's cursor after it; restarting a stream from the
 cursor of the last pack the trainer consumed continues with exactly the next unseen samples.
 
+`GroupMixture` runs the streams; `PackedDataset` packs their draws for stage 0 and the draft head,
+`generation_datamodule.ParquetGenerationStream` batches them for distillation.
+
 Packing is BAGEL's greedy rule: samples are added while the pack holds fewer than `expected_tokens`;
 a sample that would push it past `max_tokens` closes the pack and opens the next one. Samples longer
 than `max_tokens_per_sample` are skipped as bad rows.
