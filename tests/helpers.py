@@ -1,16 +1,18 @@
-"""Helpers shared by the tests: a quiet CPU Trainer, an optimizer-step counter, the installed
-`hyperbagel` command, the benchmark scripts as modules and a fixed training pack."""
+"""Helpers shared by the tests: a quiet CPU Trainer, a batch recorder, an optimizer-step counter, the
+installed `hyperbagel` command, the benchmark scripts as modules and a fixed training pack."""
 
 import importlib.util
+import io
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 
@@ -32,6 +34,48 @@ def quiet_trainer(tmp_path: Path, max_steps: int, callbacks: list[Callback] = ()
         "callbacks": callbacks,
     }
     return Trainer(**(settings | options))
+
+
+class BatchRecorder(LightningModule):
+    """Trains nothing; keeps `describe(batch)` for every training batch it is handed (data-order tests)."""
+
+    def __init__(self, describe: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.describe = describe
+        self.seen: list = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append(self.describe(batch))
+        return self.weight.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def record_batches(
+    datamodule: Any,
+    max_steps: int,
+    describe: Callable[[Any], Any],
+    ckpt_path: str | None = None,
+    save_to: Path | None = None,
+) -> list:
+    """`describe(batch)` of each batch a quiet fit of `max_steps` consumes (optionally resumed from, or
+    saved to, a checkpoint)."""
+    recorder = BatchRecorder(describe)
+    trainer = quiet_trainer(Path(save_to).parent if save_to else Path.cwd(), max_steps)
+    trainer.fit(recorder, datamodule=datamodule, ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return recorder.seen
+
+
+def roundtrip(state: Any) -> Any:
+    """`state` through torch.save / torch.load, as a checkpoint carries it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 class CountSteps(Callback):

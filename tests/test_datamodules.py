@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -30,6 +29,8 @@ from hyperbagel.datamodules.packed_dataset import (
 from hyperbagel.datamodules.readers import BadRow, EditReader, Origin, T2IReader, VLMReader
 from hyperbagel.datamodules.shapes_datamodule import SETTINGS_FILE, ShapesDataModule
 from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
+
+from helpers import record_batches, roundtrip
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -524,13 +525,6 @@ def consume(module, n):
     return packs
 
 
-def roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_with_next_unseen_samples(mixture, num_workers):
     n, m = 3, 5
@@ -566,42 +560,17 @@ def test_resume_with_other_worker_count_is_refused_or_restarted(mixture):
     assert lenient.position.cursors == {}
 
 
-class Recorder(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch.origins)
-        return self.weight.sum() * batch.packed.input_ids.float().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def fit(module, max_steps, ckpt_path=None, save_to=None):
-    recorder = Recorder()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(recorder, datamodule=module, ckpt_path=ckpt_path)
-    if save_to is not None:
-        trainer.save_checkpoint(save_to)
-    return recorder.seen
+def origins(pack):
+    return pack.origins
 
 
 def test_lightning_checkpoint_resume_is_exact(mixture, tmp_path):
-    reference = fit(make_module(mixture["groups"]), 6)
+    reference = record_batches(make_module(mixture["groups"]), 6, origins)
     checkpoint = tmp_path / "step2.ckpt"
-    assert fit(make_module(mixture["groups"]), 2, save_to=checkpoint) == reference[:2]
+    assert record_batches(make_module(mixture["groups"]), 2, origins, save_to=checkpoint) == reference[:2]
     assert "InterleavedDataModule" in torch.load(checkpoint, weights_only=False)
-    assert fit(make_module(mixture["groups"]), 6, ckpt_path=str(checkpoint)) == reference[2:]
+    resumed = record_batches(make_module(mixture["groups"]), 6, origins, ckpt_path=str(checkpoint))
+    assert resumed == reference[2:]
 
 
 def test_pack_moves_to_device_with_its_images(mixture, tok, config):

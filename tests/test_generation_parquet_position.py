@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 
 from hyperbagel.datamodules.generation_datamodule import ParquetGenerationDataModule, PositionedBatch
 from hyperbagel.datamodules.packed_dataset import BadDataError
+
+from helpers import record_batches, roundtrip
 
 WORDS = ["red", "green", "blue", "yellow"]
 
@@ -72,13 +73,6 @@ def same(a, b) -> bool:
     return a.kinds == b.kinds and a.texts == b.texts and torch.equal(a.target_images, b.target_images)
 
 
-def roundtrip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restored_stream_continues_with_the_next_unseen_batches(groups, num_workers):
     total = 14
@@ -99,43 +93,17 @@ def test_restored_stream_continues_with_the_next_unseen_batches(groups, num_work
     assert all(same(a, b) for a, b in zip(fresh, reference))
 
 
-class Recorder(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list = []
-
-    def training_step(self, batch, batch_idx):
-        assert not isinstance(batch, PositionedBatch)  # the module hands the stage the bare batch
-        self.seen.append((batch.kinds, batch.texts, batch.target_images.sum().item()))
-        return self.weight.sum() * batch.target_images.mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def fit(module, max_steps, ckpt_path=None, save_to=None) -> list:
-    recorder = Recorder()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(recorder, datamodule=module, ckpt_path=ckpt_path)
-    if save_to is not None:
-        trainer.save_checkpoint(save_to)
-    return recorder.seen
+def describe(batch) -> tuple:
+    assert not isinstance(batch, PositionedBatch)  # the module hands the stage the bare batch
+    return batch.kinds, batch.texts, batch.target_images.sum().item()
 
 
 def test_lightning_checkpoint_resume_is_exact(groups, tmp_path):
-    reference = fit(make_module(groups), 8)
+    reference = record_batches(make_module(groups), 8, describe)
     checkpoint = tmp_path / "step3.ckpt"
-    assert fit(make_module(groups), 3, save_to=checkpoint) == reference[:3]
+    assert record_batches(make_module(groups), 3, describe, save_to=checkpoint) == reference[:3]
     assert "ParquetGenerationDataModule" in torch.load(checkpoint, weights_only=False)
-    assert fit(make_module(groups), 8, ckpt_path=str(checkpoint)) == reference[3:]
+    assert record_batches(make_module(groups), 8, describe, ckpt_path=str(checkpoint)) == reference[3:]
 
 
 def test_bad_rows_are_skipped_counted_logged_and_capped(tmp_path, caplog):

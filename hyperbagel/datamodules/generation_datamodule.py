@@ -306,12 +306,13 @@ class PositionedBatch:
 class ParquetGenerationStream(GroupMixture):
     """Endless single-kind, single-grid batches from weighted t2i / edit parquet groups.
 
-    Rows come from `GroupMixture`'s data streams (seeded shares per rank and worker, groups drawn by
-    weight, bad rows skipped and counted, `max_bad_fraction` enforced). Items wait in a bucket per
-    (task, grid) until `batch_size` of them are there. A batch's cursor is the stream's cursor after its
-    last draw plus, under "waiting", the cursor before the draw of every item still waiting (in a
-    bucket, or a later turn of the last edit chain); a restart re-reads those rows into their buckets in
-    their original order, so the restored stream yields exactly the batches the old one would have.
+    Rows come from `GroupMixture`'s data streams (`mixture` holds its options): seeded shares per rank
+    and worker, groups drawn by weight, bad rows skipped and counted, `max_bad_fraction` enforced. Items
+    wait in a bucket per (task, grid) until `batch_size` of them are there. A batch's cursor is the
+    stream's cursor after its last draw plus, under "waiting", the cursor before the draw of every item
+    still waiting (in a bucket, or a later turn of the last edit chain); a restart re-reads those rows
+    into their buckets in their original order, so the restored stream yields exactly the batches the
+    old one would have.
     """
 
     def __init__(
@@ -320,29 +321,12 @@ class ParquetGenerationStream(GroupMixture):
         tokenizer: Any,
         config: Any,
         batch_size: int,
-        seed: int = 0,
         max_tokens_per_sample: int | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        position: DataPosition | None = None,
-        max_bad_fraction: float = 1.0,
-        bad_fraction_min_rows: int = 100,
+        **mixture: Any,
     ) -> None:
-        groups = generation_groups(groups)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        super().__init__(
-            groups,
-            tokenizer,
-            config,
-            max_tokens_per_sample,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            position=position,
-            max_bad_fraction=max_bad_fraction,
-            bad_fraction_min_rows=bad_fraction_min_rows,
-        )
+        super().__init__(generation_groups(groups), tokenizer, config, max_tokens_per_sample, **mixture)
         self.batch_size = batch_size
         self.group_index = {g.name: i for i, g in enumerate(self.groups)}
 

@@ -443,8 +443,9 @@ class GroupMixture(IterableDataset):
 
 
 class PackedDataset(GroupMixture):
-    """Packs of a weighted mixture of BAGEL-format groups (`GroupMixture`), one packed row per item,
-    by BAGEL's greedy token budgets; no CFG dropout and no cursors outside training."""
+    """Packs of a weighted mixture of BAGEL-format groups (`GroupMixture`, whose options `mixture` holds:
+    dropout, seed, infinite, rank, world_size, position, max_bad_fraction, bad_fraction_min_rows), one
+    packed row per item, by BAGEL's greedy token budgets; no CFG dropout and no cursors outside training."""
 
     def __init__(
         self,
@@ -454,14 +455,7 @@ class PackedDataset(GroupMixture):
         expected_tokens: int = 32768,
         max_tokens: int = 36864,
         max_tokens_per_sample: int = 16384,
-        dropout: CfgDropout | None = None,
-        seed: int = 0,
-        infinite: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        position: DataPosition | None = None,
-        max_bad_fraction: float = 1.0,
-        bad_fraction_min_rows: int = 100,
+        **mixture: Any,
     ) -> None:
         if not 0 < max_tokens_per_sample <= max_tokens:
             raise ValueError(
@@ -469,20 +463,7 @@ class PackedDataset(GroupMixture):
             )
         if not 0 < expected_tokens <= max_tokens:
             raise ValueError(f"need 0 < expected_tokens ({expected_tokens}) <= max_tokens ({max_tokens})")
-        super().__init__(
-            groups,
-            tokenizer,
-            config,
-            max_tokens_per_sample,
-            seed,
-            infinite,
-            rank,
-            world_size,
-            position,
-            max_bad_fraction,
-            bad_fraction_min_rows,
-            dropout,
-        )
+        super().__init__(groups, tokenizer, config, max_tokens_per_sample, **mixture)
         self.expected_tokens, self.max_tokens = expected_tokens, max_tokens
 
     def _batches(
