@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from hyperbagel.lightning_modules.base import NonFiniteLossError
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 from hyperbagel.lightning_modules.schedules import WarmupCosineLR
 
@@ -47,8 +48,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path) -> None:
     stage.compute_losses = lambda batch, stage_name: {"loss": torch.tensor(math.nan, requires_grad=True)}
     stage.configure_model()
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="4 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="4 non-finite losses in a row") as error:
         _fit(stage, 10, tmp_path)
+    assert "train/loss = nan" in str(error.value) and "no checkpoint written yet" in str(error.value)
     assert stage.nonfinite_total == 4
     assert all(torch.equal(v, stage.model.state_dict()[k]) for k, v in before.items())
 

@@ -4,17 +4,21 @@ A stage subclasses `BagelStage` and implements `compute_losses` (a dict of named
 total under "loss"); the base does the rest: model construction inside `configure_model` (so FSDP can
 build it sharded), trainable-parameter selection by name patterns, optimizer and scheduler from YAML
 (any `torch.optim` or `bitsandbytes.optim` class), logging every term, and skipping non-finite losses
-(counted and logged) instead of corrupting the weights, up to a limit that stops the run with an error.
+(counted and logged) instead of corrupting the weights, up to a limit that stops the run with an error
+naming the step, the non-finite terms and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
@@ -23,6 +27,26 @@ from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import from_pretrained, load_autoencoder, load_vision_encoder
 from hyperbagel.backbone.config import PRESETS
 from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term was NaN or inf; the message names the step, the term and the last good checkpoint."""
+
+
+def last_checkpoint(trainer: Any) -> str | None:
+    """The most recently written checkpoint file of the trainer's ModelCheckpoint callbacks, if any."""
+    paths: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            candidates = [callback.last_model_path, callback.best_model_path, *callback.best_k_models]
+            paths += [Path(p) for p in candidates if p and Path(p).is_file()]
+    return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else None
+
+
+def resume_hint(trainer: Any) -> str:
+    """Where a stopped run can restart from, for its error message."""
+    checkpoint = last_checkpoint(trainer)
+    return f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint written yet"
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -194,12 +218,13 @@ class BagelStage(LightningModule, ABC):
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         self.log("train/nonfinite_losses", float(self.nonfinite_total), on_step=True)
-        terms = {name: float(value.detach()) for name, value in losses.items()}
         if self.nonfinite_in_a_row > self.max_nonfinite_losses:
-            raise RuntimeError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row at global step {self.global_step} "
-                f"(last terms {terms}); lower the learning rate or inspect the data. Checkpoints before this "
-                "step are intact."
+            values = {name: float(value.detach().float().mean()) for name, value in losses.items()}
+            bad = ", ".join(f"train/{name} = {v}" for name, v in values.items() if not math.isfinite(v))
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row, the last at global step "
+                f"{self.global_step} ({bad}); {resume_hint(self.trainer)}. Lower the learning rate or "
+                "inspect the data."
             )
         return None
 

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -50,7 +48,7 @@ from hyperbagel.backbone.inference import (
 )
 from hyperbagel.distillation.batches import GenerationBatch
 from hyperbagel.distillation.generation_weights import GENERATION_PATTERNS, GenerationWeights
-from hyperbagel.lightning_modules.base import BagelStage
+from hyperbagel.lightning_modules.base import BagelStage, NonFiniteLossError, resume_hint
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -64,20 +62,6 @@ class OptimizerSpec:
     optimizer: OptimizerCallable
     lr_scheduler: LRSchedulerCallable | None = None
     gradient_clip_val: float | None = None
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term was NaN or inf; the message names the step, the term and the last good checkpoint."""
-
-
-def last_checkpoint(trainer: Any) -> str | None:
-    """The most recently written checkpoint file of the trainer's ModelCheckpoint callbacks, if any."""
-    paths: list[Path] = []
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            candidates = [callback.last_model_path, callback.best_model_path, *callback.best_k_models]
-            paths += [Path(p) for p in candidates if p and Path(p).is_file()]
-    return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else None
 
 
 def _no_closure() -> None:
@@ -289,8 +273,7 @@ class ManualStage(BagelStage):
             f"non-finite loss {', '.join(f'{name}/{t} = {v}' for t, v in values.items())} at global step "
             f"{self.global_step} (batch {self._batch_idx})"
         )
-        checkpoint = last_checkpoint(self.trainer)
-        resume = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint written yet"
+        resume = resume_hint(self.trainer)
         if self.on_nonfinite == "stop":
             raise NonFiniteLossError(f"{where}; {resume}. Lower the learning rate or inspect the data.")
         self._step_skipped = True
