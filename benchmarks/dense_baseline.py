@@ -105,9 +105,9 @@ def output_velocity(
 ) -> torch.Tensor:
     """The velocity the flow loss and the sampler use. With x0 prediction (JiT, "Back to Basics") the
     network outputs the clean tokens and `v = (x_t - x0) / t` follows, so it never has to reproduce the
-    noise through its width; the loss stays the velocity MSE."""
+    noise through its width; the loss stays the velocity MSE. Returned in float32 (outputs may be bf16)."""
     if prediction == "velocity":
-        return output
+        return output.float()
     times = t.float().clamp(min=X0_MIN_TIME).reshape(-1, *(1,) * (x_t.ndim - 1))
     return (x_t.float() - output.float()) / times
 
