@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def rank_and_world(module: LightningDataModule) -> tuple[int, int]:
+    """(rank, world size) from the module's trainer, else from torch.distributed, else (0, 1)."""
     trainer = module.trainer
     if trainer is not None:
         return trainer.global_rank, trainer.world_size
