@@ -20,6 +20,7 @@ than `max_tokens_per_sample` are skipped as bad rows.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -372,7 +373,7 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-class GroupMixture(IterableDataset):
+class GroupMixture(IterableDataset, ABC):
     """Samples of weighted BAGEL-format groups, one data stream per (rank, worker), resumable from a
     `DataPosition`; infinite (reshuffled epochs) for training, one ordered pass over every group
     otherwise. Subclasses turn a stream's draws into batches (`_batches`).
@@ -438,8 +439,9 @@ class GroupMixture(IterableDataset):
             state.restore(cursor)
         return state
 
+    @abstractmethod
     def _batches(self, stream: int, num_streams: int, cursor: dict[str, Any] | None) -> Iterator[Any]:
-        raise NotImplementedError
+        """The items of data stream `stream`, restarted at `cursor` when given."""
 
 
 class PackedDataset(GroupMixture):
