@@ -40,11 +40,13 @@ from hyperbagel.backbone.autoencoder import (
     unpatchify_latents,
 )
 from hyperbagel.backbone.checkpoint import load_autoencoder
+from hyperbagel.backbone.embeddings import PositionEmbedding
 from hyperbagel.backbone.flow import (
     CFGConfig,
     add_noise,
     cfg_combine,
     euler_sample,
+    predict_x0,
     sample_training_timesteps,
     sampling_schedule,
     velocity_target,
@@ -62,6 +64,16 @@ MIN_LR_RATIO = 0.05
 ENCODE_BATCH = 500
 LOG_EVERY = 250  # steps between progress lines on stderr
 X0_MIN_TIME = 0.05  # JiT's clip: an x0 prediction is turned into a velocity dividing by max(t, this)
+PROBE_TIMES = (
+    1.0,
+    0.98,
+    0.95,
+    0.9,
+    0.7,
+    0.5,
+    0.3,
+)  # times of the x0 check (the sampler starts at 1)
+PROBE_IMAGES = 256  # validation renders for that check
 
 
 class DenseFlowTransformer(nn.Module):
@@ -72,13 +84,24 @@ class DenseFlowTransformer(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, token_dim: int, num_image_tokens: int, max_prompt: int, width: int, depth: int
+        self,
+        vocab_size: int,
+        token_dim: int,
+        num_image_tokens: int,
+        max_prompt: int,
+        width: int,
+        depth: int,
+        positions: str = "learned",
     ) -> None:
         super().__init__()
         self.text_embed = nn.Embedding(vocab_size, width)
         self.text_pos = nn.Parameter(torch.randn(max_prompt, width) * 0.02)
         self.image_in = nn.Linear(token_dim, width)
-        self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.02)
+        if positions == "sincos":  # BAGEL's frozen 2-D table (what `latent_pos_embed` holds)
+            side = math.isqrt(num_image_tokens)
+            self.image_pos = PositionEmbedding(side, width).pos_embed
+        else:
+            self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         layer = nn.TransformerEncoderLayer(
             width, width // 64, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
@@ -241,6 +264,30 @@ def sample(
     return image_tokens.decode(latents)
 
 
+@torch.no_grad()
+def x0_error_by_time(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    prompts: tuple[torch.Tensor, torch.Tensor],
+    mean_tokens: torch.Tensor,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """MSE of the model's clean estimate `x_t - t * v` against the true tokens of held-out renders, by time,
+    beside the MSE of the training set's mean image (`mean_image`). The sampler lays a scene out from
+    its first, noisiest steps: a model whose estimate there is worse than the mean image reads objects
+    into the noise of single tokens instead of drawing one coherent layout."""
+    model.eval()
+    noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(args.seed))
+    errors = {"mean_image": (mean_tokens - tokens).pow(2).mean().item()}
+    for time_value in PROBE_TIMES:
+        t = torch.full((len(tokens),), time_value)
+        x_t = add_noise(tokens, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            v = output_velocity(model(x_t, t, *prompts), x_t, t, args.prediction)
+        errors[f"t={time_value}"] = (predict_x0(x_t, v, t) - tokens).pow(2).mean().item()
+    return errors
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -263,6 +310,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("velocity", "x0"),
         default="velocity",
         help="what the network outputs (x0: JiT's clean-token prediction, converted to a velocity)",
+    )
+    parser.add_argument(
+        "--positions",
+        choices=("learned", "sincos"),
+        default="learned",
+        help="image token positions: learned (init N(0, 0.02)) or BAGEL's frozen 2-D sin-cos table",
     )
     parser.add_argument("--max-prompt", type=int, default=24, help="prompt tokens (incl. <|im_start|>)")
     parser.add_argument("--num-timesteps", type=int, default=50, help="sampling grid points")
@@ -297,7 +350,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_samples = world.samples("t2i", "train", args.n_train)
     tokens = image_tokens.encode(train_samples)
     model = DenseFlowTransformer(
-        len(tokenizer), tokens.shape[-1], tokens.shape[1], args.max_prompt, args.width, args.depth
+        len(tokenizer),
+        tokens.shape[-1],
+        tokens.shape[1],
+        args.max_prompt,
+        args.width,
+        args.depth,
+        args.positions,
     )
     null_prompt = encode_prompts(tokenizer, [""], args.max_prompt)
     run = train(
@@ -308,6 +367,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args,
     )
 
+    val_samples = world.samples("t2i", "val", PROBE_IMAGES)
+    run["x0_mse_by_time"] = x0_error_by_time(
+        model,
+        image_tokens.encode(val_samples),
+        encode_prompts(tokenizer, [s.prompt for s in val_samples], args.max_prompt),
+        tokens.mean(dim=0),
+        args,
+    )
     test_samples = world.samples("t2i", "test", args.n_test * 6)
     test_prompts = encode_prompts(tokenizer, [s.prompt for s in test_samples], args.max_prompt)
     scores, images = {}, {}

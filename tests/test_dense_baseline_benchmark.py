@@ -11,6 +11,7 @@ import torch
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import save_pretrained
+from hyperbagel.backbone.embeddings import PositionEmbedding
 from hyperbagel.datamodules.shapes import T2I_CATEGORIES
 
 from helpers import load_benchmark
@@ -32,6 +33,9 @@ def _check(summary: dict) -> None:
     for key in ("geneval", "geneval_no_cfg"):
         assert set(summary[key]) == {"overall", *T2I_CATEGORIES}
         assert 0.0 <= summary[key]["overall"] <= 1.0
+    errors = summary["x0_mse_by_time"]
+    assert set(errors) == {"mean_image", "t=1.0", "t=0.98", "t=0.95", "t=0.9", "t=0.7", "t=0.5", "t=0.3"}
+    assert all(math.isfinite(value) and value > 0.0 for value in errors.values())
 
 
 def test_pixel_space_run_trains_samples_and_scores(tmp_path: Path) -> None:
@@ -78,3 +82,32 @@ def test_x0_prediction_is_turned_into_the_flow_velocity(tmp_path: Path) -> None:
     summary = _run(tmp_path, "--prediction", "x0")
     _check(summary)
     assert summary["settings"]["prediction"] == "x0"
+
+
+class _ExactCleanTokens(torch.nn.Module):
+    """Outputs the true clean tokens whatever it is given: an ideal x0-predicting model."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+        return self.tokens
+
+
+def test_x0_error_by_time_is_zero_for_an_exact_model_and_reports_the_mean_image() -> None:
+    benchmark = load_benchmark("dense_baseline")
+    args = benchmark.parse_args(["--out", "x.json", "--prediction", "x0", "--no-bf16"])
+    tokens, mean = torch.randn(6, 4, 3), torch.randn(4, 3)
+    prompts = (torch.zeros(6, 2, dtype=torch.long), torch.ones(6, 2, dtype=torch.bool))
+    errors = benchmark.x0_error_by_time(_ExactCleanTokens(tokens), tokens, prompts, mean, args)
+    assert errors["mean_image"] == pytest.approx((tokens - mean).pow(2).mean().item())
+    assert all(value < 1e-10 for key, value in errors.items() if key != "mean_image")
+
+
+def test_sincos_positions_are_bagels_frozen_table() -> None:
+    model_class = load_benchmark("dense_baseline").DenseFlowTransformer
+    model = model_class(10, 12, 16, 4, width=64, depth=1, positions="sincos")
+    assert not model.image_pos.requires_grad
+    torch.testing.assert_close(model.image_pos, PositionEmbedding(4, 64).pos_embed)
+    assert model_class(10, 12, 16, 4, width=64, depth=1).image_pos.requires_grad
