@@ -12,6 +12,7 @@ from torch import nn
 
 from hyperbagel.backbone.checkpoint import from_pretrained, save_pretrained
 from hyperbagel.backbone.flow import add_noise, predict_x0, sampling_schedule
+from hyperbagel.callbacks.discriminator import AdversarialDiscriminator, TokenDiscriminator
 from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
 from hyperbagel.distillation.dmd import dmd_gradient, dmd_loss, fake_score_loss, rerun_step, roll_trajectory
 from hyperbagel.lightning_modules.distill_dmdo import DistillDMDOStage
@@ -386,3 +387,47 @@ def test_dmdo_with_a_learned_real_score_resumes_bit_exactly(tmp_path: Path, stag
     expected, got = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys() and any(k.startswith("real_score.") for k in got)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_discriminator_adds_dmd2s_gan_term_on_real_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stage2_dir: Path
+) -> None:
+    """With the callback, the discriminator tells the batch's real latents from the re-run step's x0, both
+    noised to the generator's times, and the generator's loss is DMD plus the weighted GAN term."""
+    import hyperbagel.lightning_modules.distill_dmdo as dmdo
+    from hyperbagel.distillation.batches import GenerationBatch
+
+    reruns, cleans, seen = [], [], []
+    monkeypatch.setattr(dmdo, "rerun_step", lambda *args: reruns.append(rerun_step(*args)) or reruns[-1])
+    clean_tokens = GenerationBatch.clean_tokens
+    monkeypatch.setattr(
+        GenerationBatch,
+        "clean_tokens",
+        lambda self, model: cleans.append(clean_tokens(self, model)) or cleans[-1],
+    )
+    critic = AdversarialDiscriminator(
+        TokenDiscriminator(16, 1, 2), optimizer=partial(torch.optim.AdamW, lr=1e-3)
+    )
+    update = critic.update
+    monkeypatch.setattr(critic, "update", lambda stage, **kw: seen.append(kw) or update(stage, **kw))
+    seed_everything(0)
+    stage = DistillDMDOStage(
+        model=str(stage2_dir), teacher=str(stage2_dir), generator_every=1, adversarial_weight=0.25
+    )
+    stage.noise_like = torch.zeros_like  # the GAN term's noise, so both sides are exactly (1 - t) x0
+    trainer = quiet_trainer(tmp_path, 2, [critic], limit_val_batches=0, num_sanity_val_steps=0)
+    stage.configure_model()
+    before = [p.detach().clone() for p in critic.discriminator.parameters()]
+    trainer.fit(stage, _data())
+    assert len(seen) == len(reruns) == len(cleans) == 2  # one discriminator update per generator turn
+    for kw, x0, clean in zip(seen, reruns, cleans):
+        scale = (1 - kw["t"]).reshape(-1, 1, 1)
+        torch.testing.assert_close(kw["fake"].float(), (scale * x0.detach()).float(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(kw["real"].float(), (scale * clean).float(), rtol=1e-3, atol=1e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, critic.discriminator.parameters()))
+    metrics = trainer.callback_metrics
+    total = metrics["train/generator/dmd"] + 0.25 * metrics["train/generator/adversarial"]
+    torch.testing.assert_close(metrics["train/generator/loss"], total)
+    assert "train/discriminator/accuracy" in metrics
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), adversarial_weight=-1.0)

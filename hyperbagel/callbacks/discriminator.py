@@ -186,6 +186,11 @@ def accuracy(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor
     return torch.cat(right).mean()
 
 
+def find_discriminator(trainer: Trainer) -> AdversarialDiscriminator | None:
+    """The trainer's `AdversarialDiscriminator` callback, if it has one (stages add its term only then)."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialDiscriminator)), None)
+
+
 class AdversarialDiscriminator(Callback):
     """Owns a discriminator for the stage it is attached to (a `ManualStage`).
 

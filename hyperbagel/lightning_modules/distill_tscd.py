@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 
 from hyperbagel.backbone.flow import add_noise
-from hyperbagel.callbacks.discriminator import AdversarialDiscriminator
+from hyperbagel.callbacks.discriminator import find_discriminator
 from hyperbagel.callbacks.ema import require_ema
 from hyperbagel.distillation.batches import GenerationBatch
 from hyperbagel.distillation.tscd import (
@@ -33,10 +32,6 @@ from hyperbagel.distillation.tscd import (
 from hyperbagel.lightning_modules.manual import GenerationDistillStage
 
 TARGETS = ("student", "ema")
-
-
-def find_discriminator(trainer: Trainer) -> AdversarialDiscriminator | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialDiscriminator)), None)
 
 
 class DistillTSCDStage(GenerationDistillStage):
