@@ -11,8 +11,11 @@ stage 0's flow objective (logit-normal times with `--shift`, velocity MSE, 10% p
 AdamW with warm-up and a cosine over the wall-clock budget, bf16 autocast where the CPU runs it natively)
 on the shapes world's training prompts, then samples the test prompts at `teacher_quality.py`'s default
 sampler (50 grid points, shift 3, text CFG 4 over (0, 1], global renorm; sample i from noise seed
-`--seed + i`) and scores them with the same strict GenEval scorer, with and without CFG. It is the
-yardstick for the teacher: the same data, scorer, sampler and machine, with none of BAGEL's architecture.
+`--seed + i`) and scores them with the same strict GenEval scorer, with and without CFG. `x0_mse_by_time`
+in the JSON is the error of the model's clean estimate on noised validation renders at the sampler's
+noisy times, beside the training set's mean image: whether it has learned a layout or only colour odds.
+It is the yardstick for the teacher: the same data, scorer, sampler and machine, with none of BAGEL's
+architecture.
 `--space latent` trains it in the demo autoencoder's latent space instead (tokens of `--latent-patch` x
 `--latent-patch` latent pixels).
 """
