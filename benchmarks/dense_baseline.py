@@ -67,16 +67,9 @@ MIN_LR_RATIO = 0.05
 ENCODE_BATCH = 500
 LOG_EVERY = 250  # steps between progress lines on stderr
 X0_MIN_TIME = 0.05  # JiT's clip: an x0 prediction is turned into a velocity dividing by max(t, this)
-PROBE_TIMES = (
-    1.0,
-    0.98,
-    0.95,
-    0.9,
-    0.7,
-    0.5,
-    0.3,
-)  # times of the x0 check (the sampler starts at 1)
-PROBE_IMAGES = 256  # validation renders for that check
+# times of the x0 check (the sampler starts at 1) and the validation renders it uses
+PROBE_TIMES = (1.0, 0.98, 0.95, 0.9, 0.7, 0.5, 0.3)
+PROBE_IMAGES = 256
 
 
 class DenseFlowTransformer(nn.Module):

@@ -261,8 +261,9 @@ class DistillDMDOStage(GenerationDistillStage):
         critic = find_discriminator(self.trainer)
         if critic is not None:
             fake = add_noise(x0, self.noise_like(x0), times)
-            losses["adversarial"] = critic.generator_loss(fake, times, contexts)
-            loss = loss + self.adversarial_weight * losses["adversarial"]
+            adversarial = critic.generator_loss(fake, times, contexts)
+            loss = loss + self.adversarial_weight * adversarial
+            losses["adversarial"] = adversarial.detach()
         losses["loss"] = loss
         self.update("generator", {**losses, "step_index": torch.tensor(float(index))})
         if critic is not None:
