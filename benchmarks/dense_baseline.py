@@ -70,6 +70,7 @@ X0_MIN_TIME = 0.05  # JiT's clip: an x0 prediction is turned into a velocity div
 # times of the x0 check (the sampler starts at 1) and the validation renders it uses
 PROBE_TIMES = (1.0, 0.98, 0.95, 0.9, 0.7, 0.5, 0.3)
 PROBE_IMAGES = 256
+POSITIONS = ("learned", "sincos")
 
 
 class DenseFlowTransformer(nn.Module):
@@ -90,6 +91,8 @@ class DenseFlowTransformer(nn.Module):
         positions: str = "learned",
     ) -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self.text_embed = nn.Embedding(vocab_size, width)
         self.text_pos = nn.Parameter(torch.randn(max_prompt, width) * 0.02)
         self.image_in = nn.Linear(token_dim, width)
@@ -309,7 +312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--positions",
-        choices=("learned", "sincos"),
+        choices=POSITIONS,
         default="learned",
         help="image token positions: learned (init N(0, 0.02)) or BAGEL's frozen 2-D sin-cos table",
     )

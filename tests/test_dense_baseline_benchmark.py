@@ -111,3 +111,5 @@ def test_sincos_positions_are_bagels_frozen_table() -> None:
     assert not model.image_pos.requires_grad
     torch.testing.assert_close(model.image_pos, PositionEmbedding(4, 64).pos_embed)
     assert model_class(10, 12, 16, 4, width=64, depth=1).image_pos.requires_grad
+    with pytest.raises(ValueError, match="positions must be one of"):
+        model_class(10, 12, 16, 4, width=64, depth=1, positions="rope")

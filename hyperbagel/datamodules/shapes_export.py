@@ -2,17 +2,17 @@
 
 Layout written under `out_dir` for one split (several splits can share an `out_dir`):
 
-- ``t2i/<split>/part-XXXXX.parquet``: text-to-image rows. Columns ``image`` (PNG bytes), ``captions``
-  (JSON string of a dict, here ``{"prompt": <prompt>}``), plus our ``category`` and ``scene`` (JSON of
-  the ground-truth scene, see ``Scene.to_json``).
-- ``editing/<split>/part-XXXXX.parquet``: editing rows. Columns ``image_list`` ([source PNG, target PNG]),
+- ``t2i/<split>/part-00000.parquet``, ``part-00001.parquet``, ...: text-to-image rows. Columns ``image``
+  (PNG bytes), ``captions`` (JSON string of a dict, here ``{"prompt": <prompt>}``), plus our ``category``
+  and ``scene`` (JSON of the ground-truth scene, see ``Scene.to_json``).
+- ``editing/<split>/part-00000.parquet``: editing rows. Columns ``image_list`` ([source PNG, target PNG]),
   ``instruction_list`` (one inner list per transition holding alternative phrasings, canonical first),
   plus our ``kind`` and ``scenes`` (JSON list [source, target]).
 - ``t2i/parquet_info/<split>.json`` and ``editing/parquet_info/<split>.json``: the row-group index BAGEL's
   parquet readers take as ``parquet_info_path``: ``{<absolute parquet path>: {"num_row_groups": int,
   "num_rows": int}}``.
-- ``vqa/<split>.jsonl`` with images ``vqa/images/<split>/XXXXXX.png``: LLaVA-style understanding rows
-  ``{"id", "image": "<split>/XXXXXX.png" (relative to vqa/images), "conversations": [{"from": "human",
+- ``vqa/<split>.jsonl`` with images ``vqa/images/<split>/000000.png``, ``000001.png``, ...: LLaVA-style rows
+  ``{"id", "image": "<split>/000000.png" (relative to vqa/images), "conversations": [{"from": "human",
   "value": "<image>\\n<question>"}, {"from": "gpt", "value": <answer>}, ...], "category", "scene"}``: the
   sample's question first, then `vqa_follow_ups` further short-answer turns about the same image.
 - ``dataset_info.json``: entries shaped like BAGEL's ``DATASET_INFO`` (group -> dataset name -> ``data_dir``,
