@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -97,9 +97,11 @@ def glue_config_dict(config: BagelConfig) -> dict[str, Any]:
     return data
 
 
-def _write_ema(path: Path, model: Bagel, dtype: torch.dtype | None) -> None:
+def _write_ema(
+    path: Path, model: Bagel, dtype: torch.dtype | None, state: Mapping[str, torch.Tensor] | None
+) -> None:
     """The state dict as contiguous CPU tensors (optionally cast) in `ema.safetensors`; float layers only."""
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     quantized = [key for key, tensor in state.items() if not tensor.is_floating_point()]
     if quantized:
         raise ValueError(
@@ -125,8 +127,10 @@ def save_pretrained(
     folder: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
     dtype: torch.dtype | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `model` in BAGEL's folder layout (`dtype`, e.g. bf16, casts `ema.safetensors` only).
+    `state` replaces `model.state_dict()` as the weights written (a sharded model's gathered weights).
 
     The autoencoder is written when one is attached; `ae_config.json` exists only for a non-FLUX one
     (a stale one is removed). A tokenizer whose marker ids differ from the config's is refused.
@@ -139,7 +143,8 @@ def save_pretrained(
             f"model config's {config.special_tokens}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    _write_ema(folder / EMA_FILE, model, dtype)  # first: refuses a quantized model before anything is written
+    # first: refuses a quantized model before anything is written
+    _write_ema(folder / EMA_FILE, model, dtype, state)
     _write_json(folder / LLM_CONFIG_FILE, llm_config_dict(config.llm))
     _write_json(folder / VIT_CONFIG_FILE, vit_config_dict(config.vit))
     _write_json(folder / GLUE_CONFIG_FILE, glue_config_dict(config))

@@ -15,7 +15,7 @@ unconditional context is prefilled and each step costs one model evaluation (`sa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
 import torch
@@ -157,6 +157,11 @@ class ImageContexts:
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def for_model(self, model: Bagel) -> ImageContexts:
+        """The same prefilled contexts queried by another model sharing the frozen weights that filled
+        them (a student, or a side model held as a separate copy)."""
+        return self if model is self.model else replace(self, model=model)
 
     def _per_token(self, value: float | torch.Tensor, rows: int) -> torch.Tensor:
         """A scalar or per-row [rows] value repeated for every latent token of its row: [rows * N]."""

@@ -25,12 +25,19 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.embeddings import TimestepEmbedder
 from hyperbagel.backbone.inference import ImageContexts
 from hyperbagel.backbone.packing import VaeImage, pack
-from hyperbagel.distillation.generation_weights import GenerationWeights
+from hyperbagel.backbone.sharding import (
+    check_optimizer_shards,
+    gathered,
+    reshard_optimizer_state,
+    resharded_like,
+)
+from hyperbagel.distillation.side_copies import SideCopy, generation_copy
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,8 @@ class TokenDiscriminator(Discriminator):
 
 class BagelDiscriminator(Discriminator):
     """The paper's discriminator: a trainable copy of the model's generation side (initialised from the
-    model it is attached to, sharing its frozen understanding weights) reads the latent tokens in their
+    model it is attached to, sharing its frozen understanding weights or, under sharding, a separate
+    sharded copy) reads the latent tokens in their
     context, and one head per chosen layer turns that layer's latent-token features into per-token logits.
 
     Args:
@@ -115,7 +123,7 @@ class BagelDiscriminator(Discriminator):
         self.requested_layers = list(layers) if layers is not None else None
         self.head_hidden = head_hidden
         self.layers: list[int] = []
-        self.backbone: GenerationWeights | None = None
+        self.backbone: SideCopy | None = None
         self.heads = nn.ModuleList()
         self._model: tuple[Bagel, ...] = ()  # the shared model, not a submodule (not in state_dict)
 
@@ -128,7 +136,7 @@ class BagelDiscriminator(Discriminator):
         if bad:
             raise ValueError(f"discriminator layers {bad} are outside 0..{num_layers} of this model")
         self.layers = layers
-        self.backbone = GenerationWeights.from_model(model, trainable=True)
+        self.backbone = generation_copy(model, trainable=True)
         self.heads = nn.ModuleList(_head(model.config.hidden_size, self.head_hidden) for _ in layers)
         self._model = (model,)
 
@@ -147,15 +155,15 @@ class BagelDiscriminator(Discriminator):
         packed = pack([[[query]]] * rows, model.config, rope_start=cache.rope_cursor[:rows])
         time = torch.as_tensor(t, dtype=torch.float32, device=model.device).reshape(-1)
         time = (time.expand(rows) if time.numel() == 1 else time).repeat_interleave(tokens)
-        decoder = model.language_model.model
-        checkpointing, decoder.gradient_checkpointing = decoder.gradient_checkpointing, False
-        try:
-            with self.backbone.applied(model):
-                out = model.forward_packed(
+        with self.backbone.applied(model) as backbone:
+            decoder = backbone.language_model.model
+            checkpointing, decoder.gradient_checkpointing = decoder.gradient_checkpointing, False
+            try:
+                out = backbone.forward_packed(
                     packed, x.reshape(rows * tokens, -1), time, cache=cache, output_hidden_states=True
                 )
-        finally:
-            decoder.gradient_checkpointing = checkpointing
+            finally:
+                decoder.gradient_checkpointing = checkpointing
         logits = []
         for layer, head in zip(self.layers, self.heads):
             features = model.gather(out.hidden_states[layer], packed.vae_index).reshape(rows, tokens, -1)
@@ -247,11 +255,15 @@ class AdversarialDiscriminator(Callback):
             self.discriminator.to(pl_module.device).train()
             params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.optimizer = self.optimizer_factory(params)
+            check_optimizer_shards(self.optimizer)
             self.scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
         if self._pending is not None:
             state, self._pending = self._pending, None
-            self.discriminator.load_state_dict(state["discriminator"])
+            own, stored = self.discriminator.state_dict(), state["discriminator"]
+            stored = {k: resharded_like(v, own[k]) if k in own else v for k, v in stored.items()}
+            self.discriminator.load_state_dict(stored)
             self.optimizer.load_state_dict(state["optimizer"])
+            reshard_optimizer_state(self.optimizer)
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.win_streak = state["win_streak"]
@@ -259,9 +271,9 @@ class AdversarialDiscriminator(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return dict(self._pending or {})
-        return {
-            "discriminator": self.discriminator.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        return {  # whole on every rank (a sharded backbone is gathered): rank 0 alone saves callback states
+            "discriminator": gathered(self.discriminator.state_dict()),
+            "optimizer": gathered(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "win_streak": self.win_streak,
         }
@@ -273,11 +285,12 @@ class AdversarialDiscriminator(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Average the discriminator's gradients over ranks: it lives outside the strategy's wrapper."""
+        """Average the discriminator's gradients over ranks: it lives outside the strategy's wrapper (a
+        sharded backbone's gradients are averaged by FSDP already)."""
         if optimizer is not self.optimizer or trainer.world_size == 1:
             return
         for param in self.discriminator.parameters():
-            if param.grad is not None:
+            if param.grad is not None and not isinstance(param.grad, DTensor):
                 torch.distributed.all_reduce(param.grad)
                 param.grad.div_(trainer.world_size)
 

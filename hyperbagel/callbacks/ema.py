@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from hyperbagel.backbone.sharding import gathered, resharded_like
 
 
 def find_ema(trainer: Trainer) -> EMA | None:
@@ -55,7 +58,8 @@ class EMA(Callback):
         warmup: ramp the decay as `min(decay, (1 + n) / (10 + n))` over the first updates n, so an
             average started from random weights forgets them quickly.
         use_for_validation: validate with the averaged weights (swapped in, then swapped back).
-        cpu_offload: keep the average in CPU memory instead of next to the weights.
+        cpu_offload: keep the average in CPU memory instead of next to the weights (not for sharded
+            parameters: a shard's average stays sharded beside it).
 
     The average is kept in at least float32: a 0.9999 update is below bfloat16's resolution.
     """
@@ -109,7 +113,11 @@ class EMA(Callback):
     def state_dict(self) -> dict[str, Any]:
         if not self.initialized:
             return dict(self._pending or {})
-        return {"ema": self.ema_state_dict(), "num_updates": self.num_updates, "last_step": self._last_step}
+        return {
+            "ema": gathered(self.ema_state_dict()),  # whole on every rank: rank 0 alone saves it
+            "num_updates": self.num_updates,
+            "last_step": self._last_step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -135,7 +143,7 @@ class EMA(Callback):
                     f"checkpoint EMA of {name} has shape {tuple(stored[name].shape)}, "
                     f"the parameter {tuple(average.shape)}"
                 )
-            average.copy_(stored[name])
+            average.copy_(resharded_like(stored[name], average))
         self.num_updates = state["num_updates"]
         self._last_step = state["last_step"]
 
@@ -151,8 +159,15 @@ class EMA(Callback):
             self._load_pending()
 
     def _like(self, param: torch.Tensor) -> torch.Tensor:
-        device = torch.device("cpu") if self.cpu_offload else param.device
-        return torch.empty(param.shape, device=device, dtype=torch.promote_types(param.dtype, torch.float32))
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        if isinstance(param, DTensor):  # sharded like the parameter, on its rank's device
+            return torch.empty_like(param, dtype=dtype)
+        return torch.empty(param.shape, device=self._offload_device(param), dtype=dtype)
+
+    def _offload_device(self, param: torch.Tensor) -> torch.device:
+        """Where copies of `param` are kept: the CPU with `cpu_offload`, except for a shard (a DTensor
+        stays on its mesh's device; it is 1/world of the parameter anyway)."""
+        return torch.device("cpu") if self.cpu_offload and not isinstance(param, DTensor) else param.device
 
     def _weights_like_ema(self) -> list[torch.Tensor]:
         """The weights on the average's device and dtype (no copy when they already match)."""
@@ -229,8 +244,7 @@ class EMA(Callback):
     def _swap_in(self) -> None:
         if self._swapped is not None:
             return
-        backup_device = torch.device("cpu") if self.cpu_offload else None
-        self._swapped = [p.detach().to(backup_device or p.device, copy=True) for p in self._params]
+        self._swapped = [p.detach().to(self._offload_device(p), copy=True) for p in self._params]
         for param, average in zip(self._params, self._ema):
             param.copy_(average)
 

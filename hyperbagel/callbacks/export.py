@@ -24,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from hyperbagel.backbone.checkpoint import save_pretrained
+from hyperbagel.backbone.sharding import full_state_dict, is_sharded
 from hyperbagel.callbacks.ema import chosen_weights, require_ema
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -113,8 +114,13 @@ class FolderExport(Callback, ABC):
         self.run_id = state_dict.get("run_id", self.run_id)
 
     @abstractmethod
-    def write(self, pl_module: LightningModule) -> None:
-        """Write `self.dirpath` from the module's current weights."""
+    def write(self, pl_module: LightningModule, collected: Any) -> None:
+        """Write `self.dirpath` from the module's current weights (and what `collect` returned)."""
+
+    def collect(self, pl_module: LightningModule) -> Any:
+        """What only all ranks together can produce for `write` (a sharded model's whole weights); runs on
+        every rank, with the chosen weights in place. Nothing by default."""
+        return None
 
     def ready(self, pl_module: LightningModule) -> bool:
         """Whether there is anything to write yet (an exception may come before the model exists)."""
@@ -141,22 +147,31 @@ class FolderExport(Callback, ABC):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Keep what the run trained; a run that fails before its first step has nothing to keep (writing then
         would only leave a stage's output folder holding its untrained starting point)."""
-        if trainer.is_global_zero and trainer.global_step > 0 and self.ready(pl_module):
-            self._write_chosen(trainer, pl_module)  # no barrier: the other ranks may be gone
+        if not (trainer.is_global_zero and trainer.global_step > 0 and self.ready(pl_module)):
+            return
+        if is_sharded(pl_module):
+            rank_zero_warn(
+                f"{self.dirpath} is not written after the exception: gathering a sharded model needs every "
+                "rank; the last checkpoint holds the weights"
+            )
+            return
+        with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
+            self._write(trainer, pl_module, None)  # no barrier: the other ranks may be gone
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the folder now (once per global step)."""
         if trainer.global_step == self._last_export_step:
             return
         self._last_export_step = trainer.global_step
-        if trainer.is_global_zero:
-            self._write_chosen(trainer, pl_module)
+        with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
+            collected = self.collect(pl_module)
+            if trainer.is_global_zero:
+                self._write(trainer, pl_module, collected)
         trainer.strategy.barrier(f"{type(self).__name__}_export")
 
-    def _write_chosen(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _write(self, trainer: Trainer, pl_module: LightningModule, collected: Any) -> None:
         self._keep_other_runs_export()
-        with chosen_weights(trainer, pl_module, self.use_ema, type(self).__name__):
-            self.write(pl_module)
+        self.write(pl_module, collected)
         record = {"run_id": self.run_id, "global_step": trainer.global_step}
         (self.dirpath / EXPORT_RUN_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
@@ -173,16 +188,22 @@ class FolderExport(Callback, ABC):
 
 
 class BagelExport(FolderExport):
-    """Exports `pl_module.model` (and its tokenizer) in BAGEL's checkpoint layout with `save_pretrained`."""
+    """Exports `pl_module.model` (and its tokenizer) in BAGEL's checkpoint layout with `save_pretrained`;
+    a sharded model is gathered to rank 0 first."""
 
-    def write(self, pl_module: LightningModule) -> None:
+    def collect(self, pl_module: LightningModule) -> dict[str, torch.Tensor] | None:
+        return full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
+
+    def write(self, pl_module: LightningModule, collected: dict[str, torch.Tensor] | None) -> None:
         parent = self.dirpath.parent
         parent.mkdir(parents=True, exist_ok=True)
         staging = parent / f".{self.dirpath.name}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)  # left by a crashed export
         staging.mkdir()
         try:
-            save_pretrained(pl_module.model, staging, tokenizer=pl_module.tokenizer, dtype=self.dtype)
+            save_pretrained(
+                pl_module.model, staging, tokenizer=pl_module.tokenizer, dtype=self.dtype, state=collected
+            )
             replace_folder(staging, self.dirpath)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

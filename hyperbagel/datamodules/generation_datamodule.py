@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -78,12 +79,14 @@ class ShapesGenerationBatches(Dataset):
         self.tokenizer = tokenizer
         self.config = config
         self.batches: list[list[T2ISample | EditSample]] = []
+        self.kinds: list[str] = []  # each batch's task kind
         for kind in kinds:
             samples = list(world.samples(kind, split, n))
             if seed is not None:
                 random.Random(f"{seed}|{kind}|{split}").shuffle(samples)
             stop = len(samples) - len(samples) % batch_size if drop_last else len(samples)
             self.batches += [samples[i : i + batch_size] for i in range(0, stop, batch_size)]
+            self.kinds += [kind] * (len(self.batches) - len(self.kinds))
         if not self.batches:
             raise ValueError(
                 f"the {split} split has no batch: {n} samples per kind with batch_size {batch_size}"
@@ -112,22 +115,56 @@ class ShapesGenerationBatches(Dataset):
 
 class ResumableBatchOrder(DistributedSampler):
     """The training batches' order: a permutation seeded by (seed, epoch), each rank taking its share
-    (equal shares, the remainder dropped), resumable mid-epoch.
+    (equal shares, the remainder dropped), resumable mid-epoch. Given each batch's kind, the ranks' batches
+    of one step share a kind: a sharded (FSDP) model's layers are gathered by all ranks together, so every
+    rank must call the same layers at every step, and a text-to-image batch calls other ones than an edit.
 
     Why a `DistributedSampler`: its order does not depend on the global random state (which a restored
     run does not share with the interrupted one), and Lightning leaves such a sampler in place under DDP
     instead of wrapping it. `resume_at(epoch, consumed)` makes that epoch's next iteration start after
     the batches this rank already consumed; other epochs are untouched."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        kinds: Sequence[str] | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=True)
         self._resume: tuple[int, int] | None = None
+        self.kinds = None if kinds is None else list(kinds)
+        if self.kinds is not None:
+            if len(self.kinds) != len(dataset):
+                raise ValueError(f"got {len(self.kinds)} batch kinds for {len(dataset)} batches")
+            counts = Counter(self.kinds).values()
+            self.num_samples = sum(count // num_replicas for count in counts)
+
+    def _kind_aligned(self) -> list[int]:
+        """This rank's share of the epoch's permutation (or of the batches in order, without `shuffle`),
+        taken in steps of `num_replicas` batches of one kind (each kind's remainder dropped); with one rank,
+        the permutation itself."""
+        order = list(range(len(self.kinds)))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.kinds), generator=generator).tolist()
+        pending: dict[str, list[int]] = {}
+        share = []
+        for index in order:
+            step = pending.setdefault(self.kinds[index], [])
+            step.append(index)
+            if len(step) == self.num_replicas:
+                share.append(step[self.rank])
+                step.clear()
+        return share
 
     def resume_at(self, epoch: int, consumed: int) -> None:
         self._resume = (epoch, consumed)
 
     def __iter__(self) -> Iterator[int]:
-        order = list(super().__iter__())
+        order = self._kind_aligned() if self.kinds is not None else list(super().__iter__())
         if self._resume is not None and self._resume[0] <= self.epoch:
             epoch, consumed = self._resume
             self._resume = None
@@ -218,7 +255,8 @@ class GenerationDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = rank_and_world(self)
-        order = ResumableBatchOrder(self.split("train"), world_size, rank, self.seed)
+        batches = self.split("train")
+        order = ResumableBatchOrder(batches, world_size, rank, self.seed, batches.kinds)
         if self.trainer is not None:  # Lightning opens the first iterator before it sets the epoch
             order.set_epoch(self.trainer.current_epoch)
         if self._restored is not None:
@@ -228,10 +266,17 @@ class GenerationDataModule(LightningDataModule):
         return self._loader("train", order)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val") if self.sizes["val"] else []
+        return self._evaluation_loader("val") if self.sizes["val"] else []
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test") if self.sizes["test"] else []
+        return self._evaluation_loader("test") if self.sizes["test"] else []
+
+    def _evaluation_loader(self, name: str) -> DataLoader:
+        """The split in order, each step's batches of one kind on every rank (see `ResumableBatchOrder`)."""
+        rank, world_size = rank_and_world(self)
+        batches = self.split(name)
+        order = ResumableBatchOrder(batches, world_size, rank, self.seed, batches.kinds, shuffle=False)
+        return self._loader(name, order)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the training batches the trainer is about to consume (the checkpoint's position)."""

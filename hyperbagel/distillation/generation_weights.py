@@ -32,6 +32,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import EMA_FILE
 from hyperbagel.backbone.inference import BagelInferencer, ImageContexts
+from hyperbagel.backbone.sharding import is_sharded
 
 GUIDANCE_PATTERNS: tuple[str, ...] = ("text_guidance_embedder.*", "img_guidance_embedder.*")
 GENERATION_PATTERNS: tuple[str, ...] = (
@@ -201,10 +202,10 @@ class GenerationWeights(nn.Module):
         A copy without guidance embedders (a CFG teacher) also hides the model's embedders, so the model
         samples with CFG as the teacher does; a copy with them needs a model that has them.
         """
-        if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        if is_sharded(model) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             raise ValueError(
-                "GenerationWeights cannot swap tensors of FSDP-wrapped layers (FSDP re-installs its own "
-                "views in every forward); under FSDP keep side models as separate modules"
+                "GenerationWeights cannot swap tensors of FSDP-sharded layers (FSDP installs its own "
+                "in every forward); side models of a sharded model are separate copies (side_copies)"
             )
         self.check_fits(model)
         if self.has_guidance_embedders and not model.has_guidance_embedders:

@@ -1,11 +1,11 @@
 """Base of every training stage: holds the backbone, chooses what trains, builds optimizers, guards losses.
 
-A stage subclasses `BagelStage` and implements `compute_losses` (a dict of named scalar terms plus the
-total under "loss"); the base does the rest: model construction inside `configure_model` (so FSDP can
-build it sharded), trainable-parameter selection by name patterns, optimizer and scheduler from YAML
-(any `torch.optim` or `bitsandbytes.optim` class), logging every term, and skipping non-finite losses
-(counted and logged) instead of corrupting the weights, up to a limit that stops the run with an error
-naming the step, the non-finite terms and the last good checkpoint.
+A stage subclasses `BagelStage` and implements `compute_losses` (a dict of named scalar terms plus the total
+under "loss"); the base does the rest: model construction inside `configure_model` (sharded there, one FSDP2
+unit per decoder layer, under Lightning's `ModelParallelStrategy`), trainable-parameter selection by name
+patterns, optimizer and scheduler from YAML (any `torch.optim` or `bitsandbytes.optim` class), logging every
+term, and skipping non-finite losses (counted and logged) instead of corrupting the weights, up to a limit
+that stops the run with an error naming the step, the non-finite terms and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from hyperbagel.backbone.autoencoder import BagelAutoencoder
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import from_pretrained, load_autoencoder, load_vision_encoder
 from hyperbagel.backbone.config import PRESETS
+from hyperbagel.backbone.sharding import check_optimizer_shards, shard_bagel
 from hyperbagel.datamodules.interleaved import load_model_config, load_tokenizer
 
 
@@ -39,7 +41,7 @@ def last_checkpoint(trainer: Any) -> str | None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
             candidates = [callback.last_model_path, callback.best_model_path, *callback.best_k_models]
-            paths += [Path(p) for p in candidates if p and Path(p).is_file()]
+            paths += [Path(p) for p in candidates if p and Path(p).exists()]  # a sharded one is a folder
     return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else None
 
 
@@ -59,6 +61,7 @@ def optimizer_config(
 ) -> Any:
     """What `configure_optimizers` returns for one YAML optimizer (and optional per-step scheduler)."""
     optimizer = optimizer_factory(params)
+    check_optimizer_shards(optimizer)
     if scheduler_factory is None:
         return optimizer
     scheduler = scheduler_factory(optimizer)
@@ -165,6 +168,20 @@ class BagelStage(LightningModule, ABC):
         self.model = self.build_model()
         self.model.language_model.model.gradient_checkpointing = self.gradient_checkpointing
         self.select_trainable(self.model)
+        if (mesh := self.sharding_mesh()) is not None:
+            shard_bagel(self.model, mesh)
+
+    def sharding_mesh(self) -> DeviceMesh | None:
+        """The data-parallel mesh to shard over (FSDP2) under `ModelParallelStrategy`, else None."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return None
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                "hyperbagel shards data-parallel only (FSDP2): set ModelParallelStrategy's "
+                "tensor_parallel_size to 1 and data_parallel_size to the number of devices"
+            )
+        return mesh["data_parallel"]
 
     def select_trainable(self, module: nn.Module) -> None:
         """requires_grad = matches `trainable` and not `frozen` (frozen-by-design tables stay frozen)."""

@@ -12,7 +12,7 @@ follows any interval (outside it the sampler embeds scale 1, the teacher's condi
 Contexts are prefilled once per batch with the teacher's original weights (clean context latents come
 from the original generation weights, as in the paper's deployment) and queried by teacher and student.
 The teacher is either a `GenerationWeights` copy swapped into the student (one copy of the understanding
-weights; `teacher_copy="generation"`) or a separate frozen model (`"full"`, which FSDP can shard). Its
+weights; `teacher_copy="generation"`) or a separate frozen model (`"full"`, and always when sharded). Its
 tensors are not written into training checkpoints: a resumed run reloads them from `teacher`.
 """
 
@@ -39,6 +39,7 @@ from hyperbagel.backbone.flow import (
     sampling_schedule,
 )
 from hyperbagel.backbone.inference import ImageContexts, initial_noise, sample_latent_tokens
+from hyperbagel.backbone.sharding import is_sharded, shard_bagel
 from hyperbagel.distillation.batches import GenerationBatch
 from hyperbagel.distillation.generation_weights import (
     GENERATION_PATTERNS,
@@ -78,7 +79,8 @@ class CFGDistillStage(BagelStage):
             another folder (e.g. continuing from an earlier stage-1 export), the teacher must share its
             frozen weights and match its generation keys (refused with the keys listed otherwise).
         teacher_copy: "generation" (the teacher is a copy of the generation side swapped into the student;
-            one copy of the understanding weights) or "full" (a separate frozen model; needed under FSDP).
+            one copy of the understanding weights) or "full" (a separate frozen model). A sharded student
+            (FSDP2) always gets a separate teacher, sharded the same way.
         teacher_quantize: "8bit" holds a "full" teacher's decoder layers in bitsandbytes LLM.int8.
         text_scale_range / img_scale_range: uniform ranges of the sampled guidance scales (the image
             scale only for edits; text-to-image uses 1).
@@ -155,7 +157,7 @@ class CFGDistillStage(BagelStage):
             raise ValueError(
                 f"teacher {self.teacher_source} has guidance embedders; stage 1 needs a CFG teacher"
             )
-        if self.teacher_copy == "generation":
+        if self.teacher_copy == "generation" and self.sharding_mesh() is None:
             if separate:
                 self.teacher_weights = GenerationWeights.load(self.teacher_source, model, check_shared=True)
             else:
@@ -174,7 +176,12 @@ class CFGDistillStage(BagelStage):
             own = {name: tuple(p.shape) for name, p in model.named_parameters()}
             check_generation_keys(own, {n: tuple(p.shape) for n, p in teacher.named_parameters()}, source)
         teacher.autoencoder = model._autoencoder  # shared: it encodes the edits' source images
-        return teacher.requires_grad_(False).eval()
+        teacher.requires_grad_(False).eval()
+        if (mesh := self.sharding_mesh()) is not None:
+            if self.teacher_quantize is not None:
+                raise ValueError("teacher_quantize cannot be combined with sharding (bitsandbytes layers)")
+            shard_bagel(teacher, mesh)
+        return teacher
 
     @contextmanager
     def as_teacher(self) -> Iterator[Bagel]:
@@ -185,10 +192,6 @@ class CFGDistillStage(BagelStage):
             return
         with self.teacher_weights.applied(self.model) as teacher:
             yield teacher
-
-    def student_contexts(self, contexts: ImageContexts) -> ImageContexts:
-        """The same prefilled contexts, queried by the student."""
-        return contexts if contexts.model is self.model else replace(contexts, model=self.model)
 
     def train(self, mode: bool = True) -> CFGDistillStage:
         super().train(mode)
@@ -227,7 +230,7 @@ class CFGDistillStage(BagelStage):
         with self.as_teacher() as teacher, torch.no_grad():
             contexts = batch.contexts(teacher)
             target = contexts.velocity(x_t, times, cfgs)
-        return DistillationTargets(self.student_contexts(contexts), x_t, times, cfgs, target)
+        return DistillationTargets(contexts.for_model(self.model), x_t, times, cfgs, target)
 
     def compute_losses(self, batch: GenerationBatch, stage: str) -> dict[str, torch.Tensor]:
         generator = None
@@ -266,13 +269,14 @@ class CFGDistillStage(BagelStage):
         with self.as_teacher() as teacher:
             contexts = batch.contexts(teacher)
             teacher_tokens = sample_latent_tokens(contexts, noise, grid, cfgs)
-        student_tokens = sample_latent_tokens(self.student_contexts(contexts), noise, grid, cfgs)
+        student_tokens = sample_latent_tokens(contexts.for_model(self.model), noise, grid, cfgs)
         return teacher_tokens, student_tokens
 
     def log_teacher_student_grid(self, batch: GenerationBatch) -> None:
-        """TensorBoard `samples/teacher_student`: rows of [target | teacher | student] from the same noise."""
+        """TensorBoard `samples/teacher_student`: rows of [target | teacher | student] from the same noise.
+        Every rank samples (a sharded model's layers are gathered by all ranks together); rank 0 writes."""
         writer = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if writer is None or not self.trainer.is_global_zero:
+        if writer is None:
             return
         count = min(self.grid_examples, len(batch))
         part = GenerationBatch(
@@ -288,14 +292,19 @@ class CFGDistillStage(BagelStage):
         images = [self.model.decode_tokens(tokens, part.grid) for tokens in (teacher, student)]
         if part.target_images is not None:
             images.insert(0, part.target_images.to(images[0].device, images[0].dtype))
+        if not self.trainer.is_global_zero:
+            return
         tiles = torch.stack(images, dim=1).flatten(0, 1).float().clamp(-1, 1) * 0.5 + 0.5
         writer.add_image(
             "samples/teacher_student", make_grid(tiles.cpu(), nrow=len(images), padding=2), self.global_step
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the teacher out: it is reloaded from `teacher` (or `model`) when the run resumes."""
+        """Leave the teacher out: it is reloaded from `teacher` (or `model`) when the run resumes. A sharded
+        checkpoint keeps it: it is loaded key for key into the sharded modules, every key required."""
         super().on_save_checkpoint(checkpoint)
+        if is_sharded(self):
+            return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(TEACHER_PREFIXES)]:
             del state[key]

@@ -1,13 +1,14 @@
 """Stage 3, DMDO: distribution matching distillation along the student's own ODE trajectory.
 
 Per batch the student's few-step Euler trajectory is rolled from noise x_T (no gradients) and kept. The
-fake-score model, a trainable `GenerationWeights` copy sharing the student's frozen understanding
-weights, regresses the velocity `x_T - x_0` at straight interpolations of x_T and the trajectory's end
-x_0 (every batch). Every `generator_every` steps the generator re-runs one stored step with gradients,
-interpolates its x0 prediction with the same x_T at a fresh time, and follows DMD2's normalised gradient
-between the fake and the real (teacher) x0 predictions there. With `mode="sde"` the trajectory, the fake
-model's interpolations and the generator's re-interpolation use fresh noise instead (standard DMD with
-re-noised steps; the paper's ablation). No extra regulariser by default, as in the paper.
+fake-score model, a trainable side copy of the generation side (`side_copies`: sharing the student's frozen
+understanding weights, or a separate sharded model under FSDP2), regresses the velocity `x_T - x_0` at
+straight interpolations of x_T and the trajectory's end x_0 (every batch). Every `generator_every` steps the
+generator re-runs one stored step with gradients, interpolates its x0 prediction with the same x_T at a
+fresh time, and follows DMD2's normalised gradient between the fake and the real (teacher) x0 predictions
+there. With `mode="sde"` the trajectory, the fake model's interpolations and the generator's
+re-interpolation use fresh noise instead (standard DMD with re-noised steps; the paper's ablation). No extra
+regulariser by default, as in the paper.
 
 Three options go beyond the paper's description where it leaves the two scores apart or the student short:
 
@@ -63,7 +64,7 @@ from hyperbagel.distillation.dmd import (
     rerun_step,
     roll_trajectory,
 )
-from hyperbagel.distillation.generation_weights import GenerationWeights
+from hyperbagel.distillation.side_copies import SideCopy, clone_copy, generation_copy
 from hyperbagel.lightning_modules.base import default_optimizer
 from hyperbagel.lightning_modules.manual import GenerationDistillStage, OptimizerSpec
 
@@ -152,28 +153,26 @@ class DistillDMDOStage(GenerationDistillStage):
         self.dmd_time_range = (low, high)
         self.dmd_time_shift = dmd_time_shift
         self.adversarial_weight = adversarial_weight
-        self.fake_score: GenerationWeights | None = None
-        self.real_score: GenerationWeights | None = None
+        self.fake_score: SideCopy | None = None
+        self.real_score: SideCopy | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         super().configure_model()
         if self.fake_score_init == "teacher":
-            tensors = {name: p.detach().clone() for name, p in self.teacher.named_parameters()}
-            self.fake_score = GenerationWeights(tensors, trainable=True)
+            self.fake_score = clone_copy(self.teacher, trainable=True)
         else:
-            self.fake_score = GenerationWeights.from_model(self.model, trainable=True)
+            self.fake_score = generation_copy(self.model, trainable=True)
         if self.real_score_kind == "learned":
-            tensors = {name: p.detach().clone() for name, p in self.teacher.named_parameters()}
-            self.real_score = GenerationWeights(tensors, trainable=True)
+            self.real_score = clone_copy(self.teacher, trainable=True)
 
     def optimizer_specs(self) -> list[OptimizerSpec]:
         scores = [("fake_score", self.fake_score), ("real_score", self.real_score)]
         specs = [
             OptimizerSpec(
                 name,
-                list(weights.parameters()),
+                [p for p in weights.parameters() if p.requires_grad],
                 self.fake_score_optimizer,
                 self.fake_score_lr_scheduler,
                 self.fake_score_gradient_clip_val,
@@ -201,7 +200,7 @@ class DistillDMDOStage(GenerationDistillStage):
     def fit_score(
         self,
         name: str,
-        weights: GenerationWeights,
+        weights: SideCopy,
         contexts: ImageContexts,
         guidance: list[CFGConfig],
         sample: torch.Tensor,
@@ -210,8 +209,8 @@ class DistillDMDOStage(GenerationDistillStage):
         """One regression step of a learned score: velocity `x_T - x_0` at interpolations of `sample`."""
         times, eps = interpolation
         x_t = add_noise(sample, eps, times)
-        with weights.applied(self.model):  # its backward recomputes layers with these weights
-            velocity = contexts.velocity(x_t, times.to(self.device), guidance)
+        with weights.applied(self.model) as model:  # its backward recomputes layers with these weights
+            velocity = contexts.for_model(model).velocity(x_t, times.to(self.device), guidance)
             self.update(name, {"loss": fake_score_loss(velocity, eps, sample)})
 
     def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
@@ -232,9 +231,10 @@ class DistillDMDOStage(GenerationDistillStage):
         self.fit_score("fake_score", self.fake_score, contexts, guidance, trajectory.sample, interpolation)
         teacher_sample = None
         if self.real_score is not None or (self.regression_weight and self.generator_turn()):
-            with self.teacher.applied(self.model):  # swapped in once for the whole rollout
+            with self.teacher.applied(self.model) as model:  # swapped in once for the whole rollout
+                teacher_contexts = contexts.for_model(model)
                 teacher_sample = roll_trajectory(
-                    lambda x, t: contexts.velocity(x, t, guidance),
+                    lambda x, t: teacher_contexts.velocity(x, t, guidance),
                     noise,
                     self.sampling_timesteps(self.real_score_steps),
                 ).sample

@@ -291,7 +291,7 @@ class DraftHeadExport(FolderExport):
     def ready(self, pl_module: LightningModule) -> bool:
         return getattr(pl_module, "draft_head", None) is not None
 
-    def write(self, pl_module: LightningModule) -> None:
+    def write(self, pl_module: LightningModule, collected: Any) -> None:
         training = {
             "ce_weight": pl_module.ce_weight,
             "num_steps": pl_module.num_steps,

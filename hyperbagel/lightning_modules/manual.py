@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torchvision.utils import make_grid
 
 from hyperbagel.backbone.flow import CFGConfig, sampling_schedule
@@ -46,8 +46,10 @@ from hyperbagel.backbone.inference import (
     initial_noise,
     sample_latent_tokens,
 )
+from hyperbagel.backbone.sharding import check_optimizer_shards, is_sharded
 from hyperbagel.distillation.batches import GenerationBatch
-from hyperbagel.distillation.generation_weights import GENERATION_PATTERNS, GenerationWeights
+from hyperbagel.distillation.generation_weights import GENERATION_PATTERNS
+from hyperbagel.distillation.side_copies import SideCopy, generation_copy, load_generation_copy
 from hyperbagel.lightning_modules.base import BagelStage, NonFiniteLossError, resume_hint
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -62,6 +64,25 @@ class OptimizerSpec:
     optimizer: OptimizerCallable
     lr_scheduler: LRSchedulerCallable | None = None
     gradient_clip_val: float | None = None
+
+
+@torch.no_grad()
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Scale the gradients of `params` to total norm <= `max_norm` (None: only measure); returns the norm
+    before clipping. Sharded (DTensor) and whole gradients are normed apart and combined, since one model
+    may hold both (a sharded backbone with whole heads) and torch's one-call clip refuses the mix."""
+    norms = []
+    for sharded in (True, False):
+        grads = [p.grad for p in params if isinstance(p.grad, DTensor) == sharded]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if max_norm is not None:
+        scale = min(1.0, max_norm / (float(total) + 1e-6))
+        for param in params:
+            param.grad.mul_(scale)
+    return total
 
 
 def _no_closure() -> None:
@@ -82,7 +103,8 @@ class ManualStage(BagelStage):
 
     `trainable_named_parameters` is restricted to the backbone (`model.*`): EMA and exports follow the
     generator, never side models held by the stage (teacher, fake score). Side modules named in
-    `unsaved_modules` (frozen copies rebuilt from their source at every start) stay out of checkpoints.
+    `unsaved_modules` (frozen copies rebuilt from their source at every start) stay out of checkpoints,
+    except sharded ones (Lightning loads those key for key into the modules, every key required).
     """
 
     unsaved_modules: tuple[str, ...] = ()
@@ -136,6 +158,7 @@ class ManualStage(BagelStage):
             if not spec.parameters:
                 raise ValueError(f"optimizer {spec.name!r} has no parameters to train")
             optimizer = spec.optimizer(spec.parameters)
+            check_optimizer_shards(optimizer)
             config: dict[str, Any] = {"optimizer": optimizer}
             if spec.lr_scheduler is not None:
                 config["lr_scheduler"] = {"scheduler": spec.lr_scheduler(optimizer), "interval": "step"}
@@ -240,13 +263,7 @@ class ManualStage(BagelStage):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return
-        root = self.trainer.strategy.model
-        if isinstance(root, FullyShardedDataParallel):
-            # sharded gradients need FSDP's own norm; it covers every gradient the root holds right now
-            norm = root.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        self._grad_norm = norm.detach().float()
+        self._grad_norm = clip_gradients(params, max_norm)
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def _unsaved(self, key: str) -> bool:
@@ -254,6 +271,8 @@ class ManualStage(BagelStage):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        if is_sharded(self):  # loaded key for key into the sharded modules, every key required
+            return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if self._unsaved(k)]:
             del state[key]
@@ -288,8 +307,8 @@ class ManualStage(BagelStage):
 
 class GenerationDistillStage(ManualStage):
     """Base of the trajectory stages (TSCD, DMDO): a student that samples in a few one-pass steps, a frozen
-    teacher held as a `GenerationWeights` copy swapped into the student (one copy of the understanding
-    weights), the batch's contexts prefilled once under the teacher and queried by every model, and one
+    teacher held as a side copy (`side_copies`: swapped into the student, or a separate sharded model
+    under FSDP2), the batch's contexts prefilled once under the teacher and queried by every model, and one
     CFG setting per sample (text-to-image or edit).
 
     Args:
@@ -332,16 +351,16 @@ class GenerationDistillStage(ManualStage):
         self.val_teacher_steps = val_teacher_steps
         self.val_seed = val_seed
         self.grid_examples = grid_examples
-        self.teacher: GenerationWeights | None = None
+        self.teacher: SideCopy | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         super().configure_model()
         if self.teacher_source is None or self.teacher_source == self.model_source:
-            self.teacher = GenerationWeights.from_model(self.model)  # before a checkpoint is restored
+            self.teacher = generation_copy(self.model)  # before a checkpoint is restored
         else:
-            self.teacher = GenerationWeights.load(self.teacher_source, self.model, check_shared=True)
+            self.teacher = load_generation_copy(self.teacher_source, self.model)
 
     def batch_size_of(self, batch: GenerationBatch) -> int:
         return len(batch)
@@ -359,8 +378,10 @@ class GenerationDistillStage(ManualStage):
         some model of the stage samples with CFG (has no guidance embedders)."""
         with self.teacher.applied(self.model) as model:
             if self.needs_cfg_contexts():
-                return batch.contexts(model)
-            return build_image_contexts(model, batch.conditional, None, None, batch.grid)
+                contexts = batch.contexts(model)
+            else:
+                contexts = build_image_contexts(model, batch.conditional, None, None, batch.grid)
+        return contexts.for_model(self.model)
 
     def needs_cfg_contexts(self) -> bool:
         return not (self.model.has_guidance_embedders and self.teacher.has_guidance_embedders)
@@ -371,13 +392,13 @@ class GenerationDistillStage(ManualStage):
         x: torch.Tensor,
         t: torch.Tensor,
         guidance: list[CFGConfig],
-        weights: GenerationWeights | None = None,
+        side: SideCopy | None = None,
     ) -> torch.Tensor:
-        """Guided velocity of the student, or of the model holding `weights` (teacher, fake score)."""
-        if weights is None:
-            return contexts.velocity(x, t, guidance)
-        with weights.applied(self.model):
-            return contexts.velocity(x, t, guidance)
+        """Guided velocity of the student, or of the side model `side` (teacher, fake score)."""
+        if side is None:
+            return contexts.for_model(self.model).velocity(x, t, guidance)
+        with side.applied(self.model) as model:
+            return contexts.for_model(model).velocity(x, t, guidance)
 
     # --- validation: the student's few-step sample against the teacher's from the same noise -----------
     @torch.no_grad()
@@ -386,9 +407,9 @@ class GenerationDistillStage(ManualStage):
         contexts, guidance = self.prefill(batch), self.guidance(batch)
         noise = initial_noise(self.model, len(batch), batch.grid, self.val_seed)
         student = sample_latent_tokens(contexts, noise, self.sampling_timesteps(), guidance)
-        with self.teacher.applied(self.model):
+        with self.teacher.applied(self.model) as model:
             teacher_steps = self.sampling_timesteps(self.val_teacher_steps)
-            teacher = sample_latent_tokens(contexts, noise, teacher_steps, guidance)
+            teacher = sample_latent_tokens(contexts.for_model(model), noise, teacher_steps, guidance)
         return teacher, student
 
     def compute_losses(self, batch: GenerationBatch, stage: str) -> dict[str, torch.Tensor]:
