@@ -257,6 +257,9 @@ class AdversarialDiscriminator(Callback):
             self.optimizer = self.optimizer_factory(params)
             check_optimizer_shards(self.optimizer)
             self.scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
         if self._pending is not None:
             state, self._pending = self._pending, None
             own, stored = self.discriminator.state_dict(), state["discriminator"]
@@ -279,8 +282,12 @@ class AdversarialDiscriminator(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Kept until `build`, or applied at once when built already: strategies that restore after their
+        setup (sharded ones) restore after `on_fit_start`, where the discriminator is built."""
         if state_dict:
             self._pending = state_dict
+            if self.optimizer is not None:
+                self._apply_pending()
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,15 +114,22 @@ class ShapesGenerationBatches(Dataset):
 
 
 class ResumableBatchOrder(DistributedSampler):
-    """The training batches' order: a permutation seeded by (seed, epoch), each rank taking its share
-    (equal shares, the remainder dropped), resumable mid-epoch. Given each batch's kind, the ranks' batches
-    of one step share a kind: a sharded (FSDP) model's layers are gathered by all ranks together, so every
-    rank must call the same layers at every step, and a text-to-image batch calls other ones than an edit.
+    """The training batches' order: a permutation seeded by (seed, data epoch), each rank taking its share
+    (equal shares, remainders dropped), resumable after any batch. Given each batch's kind, the ranks'
+    batches of one step share a kind: a sharded (FSDP) model's layers are gathered by all ranks together,
+    so every rank must call the same layers at every step, and a text-to-image batch calls other ones than
+    an edit.
+
+    Where an iteration starts is decided by `batches_consumed()`, the data module's count of the batches
+    this rank consumed over the whole run: the data epoch is that count over the batches an epoch holds,
+    and the epoch's batches already consumed are skipped. Not Lightning's epoch (`set_epoch`, ignored): a
+    run resumed from a checkpoint written at an epoch's last batch numbers its next epoch one too high
+    (Lightning 2.6), which would change the order; the count is exact.
 
     Why a `DistributedSampler`: its order does not depend on the global random state (which a restored
     run does not share with the interrupted one), and Lightning leaves such a sampler in place under DDP
-    instead of wrapping it. `resume_at(epoch, consumed)` makes that epoch's next iteration start after
-    the batches this rank already consumed; other epochs are untouched."""
+    instead of wrapping it.
+    """
 
     def __init__(
         self,
@@ -130,25 +137,26 @@ class ResumableBatchOrder(DistributedSampler):
         num_replicas: int,
         rank: int,
         seed: int,
-        kinds: Sequence[str] | None = None,
+        kinds: Sequence[str],
+        batches_consumed: Callable[[], int] = lambda: 0,
         shuffle: bool = True,
     ) -> None:
         super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self._resume: tuple[int, int] | None = None
-        self.kinds = None if kinds is None else list(kinds)
-        if self.kinds is not None:
-            if len(self.kinds) != len(dataset):
-                raise ValueError(f"got {len(self.kinds)} batch kinds for {len(dataset)} batches")
-            counts = Counter(self.kinds).values()
-            self.num_samples = sum(count // num_replicas for count in counts)
+        if len(kinds) != len(dataset):
+            raise ValueError(f"got {len(kinds)} batch kinds for {len(dataset)} batches")
+        self.kinds = list(kinds)
+        self.batches_consumed = batches_consumed
+        self.num_samples = sum(count // num_replicas for count in Counter(self.kinds).values())
+        if self.num_samples == 0:
+            raise ValueError(f"no kind has a batch for each of the {num_replicas} ranks")
 
-    def _kind_aligned(self) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
         """This rank's share of the epoch's permutation (or of the batches in order, without `shuffle`),
         taken in steps of `num_replicas` batches of one kind (each kind's remainder dropped); with one rank,
         the permutation itself."""
         order = list(range(len(self.kinds)))
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(len(self.kinds), generator=generator).tolist()
         pending: dict[str, list[int]] = {}
         share = []
@@ -160,17 +168,9 @@ class ResumableBatchOrder(DistributedSampler):
                 step.clear()
         return share
 
-    def resume_at(self, epoch: int, consumed: int) -> None:
-        self._resume = (epoch, consumed)
-
     def __iter__(self) -> Iterator[int]:
-        order = self._kind_aligned() if self.kinds is not None else list(super().__iter__())
-        if self._resume is not None and self._resume[0] <= self.epoch:
-            epoch, consumed = self._resume
-            self._resume = None
-            if epoch == self.epoch:
-                order = order[consumed:]
-        return iter(order)
+        epoch, done = divmod(self.batches_consumed(), self.num_samples)
+        return iter(self.epoch_order(epoch)[done:])
 
 
 class GenerationDataModule(LightningDataModule):
@@ -186,9 +186,9 @@ class GenerationDataModule(LightningDataModule):
         seed: how samples are grouped into training batches and the batches ordered in each epoch.
         num_workers: DataLoader workers.
 
-    The position in the training data (epoch, batches consumed in it) is in the checkpoint; a restored
-    run skips what its epoch already consumed. Under DDP every rank consumes the same number of batches,
-    so rank 0's count serves all.
+    The position in the training data (the batches consumed, as data epoch and batches consumed in it) is
+    in the checkpoint; a restored run goes on with the next unseen batch. Under DDP every rank consumes the
+    same number of batches, so rank 0's count serves all.
     """
 
     def __init__(
@@ -223,7 +223,8 @@ class GenerationDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.datasets: dict[str, ShapesGenerationBatches] = {}
-        self.position = {"epoch": 0, "consumed": 0}  # training batches consumed in that epoch
+        self.batches_consumed = 0  # training batches this rank consumed in the run
+        self.epoch_length: int | None = None  # training batches an epoch holds on each rank
         self._restored: dict[str, int] | None = None
 
     def split(self, name: str) -> ShapesGenerationBatches:
@@ -256,12 +257,12 @@ class GenerationDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world_size = rank_and_world(self)
         batches = self.split("train")
-        order = ResumableBatchOrder(batches, world_size, rank, self.seed, batches.kinds)
-        if self.trainer is not None:  # Lightning opens the first iterator before it sets the epoch
-            order.set_epoch(self.trainer.current_epoch)
+        order = ResumableBatchOrder(
+            batches, world_size, rank, self.seed, batches.kinds, lambda: self.batches_consumed
+        )
+        self.epoch_length = len(order)
         if self._restored is not None:
-            self.position = dict(self._restored)
-            order.resume_at(self.position["epoch"], self.position["consumed"])
+            self.batches_consumed = self._restored["epoch"] * len(order) + self._restored["consumed"]
             self._restored = None
         return self._loader("train", order)
 
@@ -280,16 +281,15 @@ class GenerationDataModule(LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the training batches the trainer is about to consume (the checkpoint's position)."""
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            epoch = trainer.current_epoch
-            if epoch != self.position["epoch"]:
-                self.position = {"epoch": epoch, "consumed": 0}
-            self.position["consumed"] += 1
+        if self.trainer is not None and self.trainer.training:
+            self.batches_consumed += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.position if self._restored is None else self._restored)
+        if self._restored is not None:
+            return dict(self._restored)
+        epoch, consumed = divmod(self.batches_consumed, self.epoch_length or 1)
+        return {"epoch": epoch, "consumed": consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if set(state_dict) != {"epoch", "consumed"}:
