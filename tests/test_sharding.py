@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from hyperbagel.backbone.autoencoder import BagelAutoencoder
 from hyperbagel.backbone.bagel import Bagel
-from hyperbagel.backbone.checkpoint import EMA_FILE
+from hyperbagel.backbone.checkpoint import EMA_FILE, save_pretrained
 from hyperbagel.backbone.config import SpecialTokenIds, tiny_config
 from hyperbagel.backbone.flow import CFGConfig
 from hyperbagel.backbone.sharding import (
@@ -30,9 +31,10 @@ from hyperbagel.backbone.sharding import (
     resharded_like,
     shard_bagel,
 )
-from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
+from hyperbagel.datamodules.generation_datamodule import GenerationDataModule, ParquetGenerationDataModule
 from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
 from hyperbagel.distillation.generation_weights import is_generation_key
+from hyperbagel.lightning_modules.distill_cfg import CFGDistillStage
 from hyperbagel.lightning_modules.manual import clip_gradients
 
 from helpers import run_hyperbagel
@@ -292,8 +294,6 @@ def test_the_three_stages_fit_and_export_sharded(tmp_path: Path) -> None:
 def test_a_sharded_run_resumes_exactly(tmp_path: Path) -> None:
     """Model, optimizers, EMA, the discriminator (sharded backbone and whole heads) and the data position
     all come back from a sharded checkpoint: 2 + 2 steps export exactly what 4 uninterrupted steps do."""
-    from hyperbagel.backbone.checkpoint import save_pretrained
-
     teacher = tmp_path / "teacher"
     save_pretrained(_tiny_student(), teacher, tokenizer=build_shapes_tokenizer())
 
@@ -326,3 +326,17 @@ def test_a_sharded_run_resumes_exactly(tmp_path: Path) -> None:
         straight, resumed = _weights(tmp_path / "straight" / export), _weights(tmp_path / "resumed" / export)
         assert straight.keys() == resumed.keys()
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), export
+
+
+def test_sharding_refuses_data_whose_ranks_can_differ_in_kind() -> None:
+    stage = CFGDistillStage(model="tiny", tokenizer="shapes")
+    two_ranks = SimpleNamespace(size=lambda: 2)
+    groups = [{"kind": "t2i", "paths": ["/data/t2i"]}, {"kind": "edit", "paths": ["/data/edit"]}]
+    stage._trainer = SimpleNamespace(datamodule=ParquetGenerationDataModule(groups, "shapes", "tiny"))
+    with pytest.raises(
+        ValueError, match="ParquetGenerationDataModule can give the ranks batches of different"
+    ):
+        stage._check_data_for_sharding(two_ranks)
+    for ok in (ParquetGenerationDataModule(groups[:1], "shapes", "tiny"), GenerationDataModule("tiny")):
+        stage._trainer = SimpleNamespace(datamodule=ok)
+        stage._check_data_for_sharding(two_ranks)

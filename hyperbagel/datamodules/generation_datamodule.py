@@ -223,6 +223,7 @@ class GenerationDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.datasets: dict[str, ShapesGenerationBatches] = {}
+        self.steps_share_a_kind = True  # every rank's batch of a step is of one kind (ResumableBatchOrder)
         self.batches_consumed = 0  # training batches this rank consumed in the run
         self.epoch_length: int | None = None  # training batches an epoch holds on each rank
         self._restored: dict[str, int] | None = None
@@ -471,6 +472,12 @@ class ParquetGenerationDataModule(ResumableStreams, LightningDataModule):
         self.val_batches = val_batches
         self.num_workers = num_workers
         self.positions = StreamPositions(strict_resume)
+
+    @property
+    def steps_share_a_kind(self) -> bool:
+        """Whether every rank's batch of a step is of one kind, as a sharded model needs: only with groups
+        of one kind, since each rank's stream draws its kinds on its own."""
+        return len({group.kind for group in self.groups}) == 1
 
     def _stream(
         self, groups: list[DataGroup], position: DataPosition | None, rank: int = 0, world_size: int = 1
