@@ -128,3 +128,18 @@ def test_bad_rows_are_skipped_counted_logged_and_capped(tmp_path, caplog):
         consume(strict, 4)
     with pytest.raises(ValueError, match="kinds"):
         make_module([{"kind": "vlm", "paths": [path]}])
+
+
+def test_every_ranks_batch_of_a_step_has_one_kind(groups):
+    """A sharded model needs it: each stream draws its batches' kinds from a seed without the rank."""
+    module = make_module(groups)
+    kinds = [
+        [b.batch.kinds[0] for _, b in zip(range(12), module._stream(module.groups, None, rank, 2))]
+        for rank in (0, 1)
+    ]
+    assert kinds[0] == kinds[1] and set(kinds[0]) == {"t2i", "edit"}
+    texts = [
+        [b.batch.texts for _, b in zip(range(4), module._stream(module.groups, None, rank, 2))]
+        for rank in (0, 1)
+    ]
+    assert texts[0] != texts[1]  # the ranks read their own rows

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,10 +30,10 @@ from hyperbagel.backbone.sharding import (
     resharded_like,
     shard_bagel,
 )
-from hyperbagel.datamodules.generation_datamodule import GenerationDataModule, ParquetGenerationDataModule
+from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
+from hyperbagel.datamodules.shapes_export import export_shapes_world
 from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
 from hyperbagel.distillation.generation_weights import is_generation_key
-from hyperbagel.lightning_modules.distill_cfg import CFGDistillStage
 from hyperbagel.lightning_modules.manual import clip_gradients
 
 from helpers import run_hyperbagel
@@ -166,8 +165,7 @@ seed_everything: 0
 model:
 {model}
 data:
-  class_path: hyperbagel.datamodules.generation_datamodule.GenerationDataModule
-  init_args: {{model_config: tiny, {data}}}
+{data}
 trainer:
   accelerator: cpu
   devices: {WORLD}
@@ -184,6 +182,11 @@ trainer:
 """
     )
     return path
+
+
+def _shapes_data(options: str) -> str:
+    return f"""  class_path: hyperbagel.datamodules.generation_datamodule.GenerationDataModule
+  init_args: {{model_config: tiny, {options}}}"""
 
 
 def _fit(config: Path, *args: str) -> None:
@@ -217,12 +220,21 @@ DISCRIMINATOR = """    - class_path: hyperbagel.callbacks.discriminator.Adversar
 
 def test_the_three_stages_fit_and_export_sharded(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
-    data = "n_train: 8, n_val: 4, batch_size: 2"  # both kinds: each step's batches share one on every rank
-    stage1 = _config(
+    data = _shapes_data("n_train: 8, n_val: 4, batch_size: 2")  # both kinds, one a step on every rank
+    export_shapes_world(tmp_path / "world", n_t2i=8, n_edit=8, n_vqa=0, row_group_size=4)
+    t2i, edit = tmp_path / "world" / "t2i" / "train", tmp_path / "world" / "editing" / "train"
+    stage1 = _config(  # stage 1 reads BAGEL-format parquet of both kinds, as the 7B config does
         tmp_path / "cfg.yaml",
         """  class_path: hyperbagel.lightning_modules.distill_cfg.CFGDistillStage
   init_args: {model: tiny, tokenizer: shapes, grid_examples: 2, grid_timesteps: 3}""",
-        data,
+        f"""  class_path: hyperbagel.datamodules.generation_datamodule.ParquetGenerationDataModule
+  init_args:
+    groups: [{{kind: t2i, paths: [{t2i}]}}, {{kind: edit, paths: [{edit}]}}]
+    val_groups: [{{kind: t2i, paths: [{t2i}]}}]
+    val_batches: 1
+    tokenizer: shapes
+    model_config: tiny
+    batch_size: 2""",
         f"""  max_steps: 3
   val_check_interval: 3
   enable_checkpointing: false
@@ -302,7 +314,7 @@ def test_a_sharded_run_resumes_exactly(tmp_path: Path) -> None:
             tmp_path / f"{name}.yaml",
             f"""  class_path: hyperbagel.lightning_modules.distill_tscd.DistillTSCDStage
   init_args: {{model: {teacher}, target: ema, consistency_loss: mse, grid_examples: 0}}""",
-            "n_train: 6, n_val: 2, batch_size: 2",  # 3 batches a kind: 2 steps an epoch on two ranks
+            _shapes_data("n_train: 6, n_val: 2, batch_size: 2"),  # 3 batches a kind: 2 steps an epoch
             """  max_steps: 4
   limit_val_batches: 0
   logger: false""",
@@ -326,17 +338,3 @@ def test_a_sharded_run_resumes_exactly(tmp_path: Path) -> None:
         straight, resumed = _weights(tmp_path / "straight" / export), _weights(tmp_path / "resumed" / export)
         assert straight.keys() == resumed.keys()
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), export
-
-
-def test_sharding_refuses_data_whose_ranks_can_differ_in_kind() -> None:
-    stage = CFGDistillStage(model="tiny", tokenizer="shapes")
-    two_ranks = SimpleNamespace(size=lambda: 2)
-    groups = [{"kind": "t2i", "paths": ["/data/t2i"]}, {"kind": "edit", "paths": ["/data/edit"]}]
-    stage._trainer = SimpleNamespace(datamodule=ParquetGenerationDataModule(groups, "shapes", "tiny"))
-    with pytest.raises(
-        ValueError, match="ParquetGenerationDataModule can give the ranks batches of different"
-    ):
-        stage._check_data_for_sharding(two_ranks)
-    for ok in (ParquetGenerationDataModule(groups[:1], "shapes", "tiny"), GenerationDataModule("tiny")):
-        stage._trainer = SimpleNamespace(datamodule=ok)
-        stage._check_data_for_sharding(two_ranks)

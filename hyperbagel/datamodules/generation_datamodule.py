@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -223,7 +224,6 @@ class GenerationDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.datasets: dict[str, ShapesGenerationBatches] = {}
-        self.steps_share_a_kind = True  # every rank's batch of a step is of one kind (ResumableBatchOrder)
         self.batches_consumed = 0  # training batches this rank consumed in the run
         self.epoch_length: int | None = None  # training batches an epoch holds on each rank
         self._restored: dict[str, int] | None = None
@@ -354,11 +354,18 @@ class ParquetGenerationStream(GroupMixture):
 
     Rows come from `GroupMixture`'s data streams (`mixture` holds its options): seeded shares per rank
     and worker, groups drawn by weight, bad rows skipped and counted, `max_bad_fraction` enforced. Items
-    wait in a bucket per (task, grid) until `batch_size` of them are there. A batch's cursor is the
-    stream's cursor after its last draw plus, under "waiting", the cursor before the draw of every item
-    still waiting (in a bucket, or a later turn of the last edit chain); a restart re-reads those rows
-    into their buckets in their original order, so the restored stream yields exactly the batches the
-    old one would have.
+    wait in a bucket per (task, grid) until `batch_size` of them are there.
+
+    The kind of a stream's k-th batch is drawn first, by the kinds' summed group weights, from a seed of
+    (seed, stream, k) that leaves the rank out, and rows are then drawn from that kind's groups until a
+    batch of it is full (a batch of another kind completed by leftover edit turns waits for its kind's
+    turn). So every rank's batch of a step has one kind, as a sharded model needs (its ranks gather
+    the same layers together, and an edit calls other layers than a text-to-image batch).
+
+    A batch's cursor is the stream's cursor after its last draw, the batches yielded and, under "waiting",
+    the cursor before the draw (and the kind drawn for) of every item still held (in a bucket, a finished
+    batch waiting for its turn, or a later turn of the last edit chain); a restart re-reads those rows in
+    their original order, so the restored stream yields exactly the batches the old one would have.
     """
 
     def __init__(
@@ -375,6 +382,15 @@ class ParquetGenerationStream(GroupMixture):
         super().__init__(generation_groups(groups), tokenizer, config, max_tokens_per_sample, **mixture)
         self.batch_size = batch_size
         self.group_index = {g.name: i for i, g in enumerate(self.groups)}
+        self.kinds = sorted({g.kind for g in self.groups})
+        self.kind_groups = {k: [i for i, g in enumerate(self.groups) if g.kind == k] for k in self.kinds}
+        weights = np.array([sum(self.groups[i].weight for i in self.kind_groups[k]) for k in self.kinds])
+        self.kind_weights = weights / weights.sum()
+
+    def scheduled_kind(self, stream: int, batch: int) -> str:
+        """The kind of stream `stream`'s `batch`-th batch: the same on every rank."""
+        rng = np.random.default_rng([self.seed, stream, batch])
+        return self.kinds[int(rng.choice(len(self.kinds), p=self.kind_weights))]
 
     def _items(self, drawn: Any) -> list[GenerationItem]:
         index = self.group_index[drawn.group]
@@ -383,43 +399,63 @@ class ParquetGenerationStream(GroupMixture):
     def _batches(
         self, stream: int, num_streams: int, cursor: dict[str, Any] | None
     ) -> Iterator[PositionedBatch]:
-        before_draw: dict[int, dict[str, Any]] = {}  # stream position before each draw with waiting items
+        # draw -> (stream position before it, kind drawn for) for every draw with items still held
+        before_draw: dict[int, tuple[dict[str, Any], str | None]] = {}
         waiting: deque[tuple[int, int, GenerationItem]] = deque()  # (draw, item index, item) not bucketed
         buckets: dict[tuple[str, tuple[int, int]], list[tuple[int, int, GenerationItem]]] = {}
+        finished: dict[str, deque[list[tuple[int, int, GenerationItem]]]] = {k: deque() for k in self.kinds}
         bad_rows: list[BadRow] = []
-        draws = 0
-        if cursor is not None:  # re-read the rows of the waiting items, oldest first
-            for snapshot, indexes in cursor["waiting"]:
-                items = self._items(self._stream(stream, num_streams, snapshot).draw())
-                before_draw[draws] = snapshot
+        draws, yielded = 0, 0
+        if cursor is not None:  # re-read the rows of the held items, oldest first
+            yielded = cursor.get("batches", 0)
+            for snapshot, indexes, *kind in cursor["waiting"]:
+                among = self.kind_groups[kind[0]] if kind and kind[0] is not None else None
+                items = self._items(self._stream(stream, num_streams, snapshot).draw(among))
+                before_draw[draws] = (snapshot, kind[0] if kind else None)
                 waiting.extend((draws, i, items[i]) for i in indexes)
                 draws += 1
         state = self._stream(stream, num_streams, cursor)
         while True:
+            kind = self.scheduled_kind(stream, yielded)
+            if finished[kind]:
+                entries = finished[kind].popleft()
+                yielded += 1
+                held = sorted(
+                    [
+                        *waiting,
+                        *(e for b in buckets.values() for e in b),
+                        *(e for queue in finished.values() for batch in queue for e in batch),
+                    ],
+                    key=lambda e: e[:2],
+                )
+                for draw in [d for d in before_draw if d not in {e[0] for e in held}]:
+                    del before_draw[draw]
+                by_draw: dict[int, list[int]] = {}
+                for draw, index, _ in held:
+                    by_draw.setdefault(draw, []).append(index)
+                after = {
+                    **state.snapshot(),
+                    "batches": yielded,
+                    "waiting": [[before_draw[d][0], by_draw[d], before_draw[d][1]] for d in by_draw],
+                }
+                batch = GenerationBatch.collate([item for _, _, item in entries])
+                yield PositionedBatch(batch, stream, num_streams, after, bad_rows)
+                bad_rows = []
+                continue
             if not waiting:
                 snapshot = state.snapshot()
-                drawn = state.draw()
+                drawn = state.draw(self.kind_groups[kind])
                 bad_rows += drawn.bad_rows
-                before_draw[draws] = snapshot
+                before_draw[draws] = (snapshot, kind)
                 waiting.extend((draws, i, item) for i, item in enumerate(self._items(drawn)))
                 draws += 1
                 continue
             entry = waiting.popleft()
             bucket = buckets.setdefault((entry[2].kind, entry[2].grid), [])
             bucket.append(entry)
-            if len(bucket) < self.batch_size:
-                continue
-            batch = GenerationBatch.collate([item for _, _, item in bucket])
-            bucket.clear()
-            held = sorted([*waiting, *(e for b in buckets.values() for e in b)], key=lambda e: e[:2])
-            for draw in [d for d in before_draw if d not in {e[0] for e in held}]:
-                del before_draw[draw]
-            by_draw: dict[int, list[int]] = {}
-            for draw, index, _ in held:
-                by_draw.setdefault(draw, []).append(index)
-            after = {**state.snapshot(), "waiting": [[before_draw[d], by_draw[d]] for d in by_draw]}
-            yield PositionedBatch(batch, stream, num_streams, after, bad_rows)
-            bad_rows = []
+            if len(bucket) == self.batch_size:
+                finished[entry[2].kind].append(list(bucket))
+                bucket.clear()
 
 
 class ParquetGenerationDataModule(ResumableStreams, LightningDataModule):
@@ -472,12 +508,6 @@ class ParquetGenerationDataModule(ResumableStreams, LightningDataModule):
         self.val_batches = val_batches
         self.num_workers = num_workers
         self.positions = StreamPositions(strict_resume)
-
-    @property
-    def steps_share_a_kind(self) -> bool:
-        """Whether every rank's batch of a step is of one kind, as a sharded model needs: only with groups
-        of one kind, since each rank's stream draws its kinds on its own."""
-        return len({group.kind for group in self.groups}) == 1
 
     def _stream(
         self, groups: list[DataGroup], position: DataPosition | None, rank: int = 0, world_size: int = 1

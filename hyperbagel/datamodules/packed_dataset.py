@@ -344,12 +344,17 @@ class _DataStream:
             if g.name in cursor["groups"]:
                 g.seek(cursor["groups"][g.name])
 
-    def draw(self) -> _Drawn | None:
-        """The next sample (None once a finite pass is over)."""
+    def draw(self, among: Sequence[int] | None = None) -> _Drawn | None:
+        """The next sample (None once a finite pass is over); `among` restricts an infinite stream's group
+        draw to those groups (by their weights)."""
         rng = np.random.default_rng([self.dataset.seed, self.shard, self.draws])
         self.draws += 1
         if self.dataset.infinite:
-            group = self.groups[int(rng.choice(len(self.groups), p=self.weights))]
+            candidates, weights = list(range(len(self.groups))), self.weights
+            if among is not None:
+                candidates = list(among)
+                weights = self.weights[candidates] / self.weights[candidates].sum()
+            group = self.groups[candidates[int(rng.choice(len(candidates), p=weights))]]
             found = group.next_sample(rng, self.ledger, infinite=True)
         else:
             found = None

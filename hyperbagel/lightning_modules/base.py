@@ -169,19 +169,7 @@ class BagelStage(LightningModule, ABC):
         self.model.language_model.model.gradient_checkpointing = self.gradient_checkpointing
         self.select_trainable(self.model)
         if (mesh := self.sharding_mesh()) is not None:
-            self._check_data_for_sharding(mesh)
             shard_bagel(self.model, mesh)
-
-    def _check_data_for_sharding(self, mesh: DeviceMesh) -> None:
-        """A sharded model's layers are gathered by all ranks together, so every rank must call the same
-        ones at each step; a text-to-image batch calls other ones than an edit."""
-        data = self._trainer.datamodule if self._trainer is not None else None
-        if mesh.size() > 1 and not getattr(data, "steps_share_a_kind", True):
-            raise ValueError(
-                f"{type(data).__name__} can give the ranks batches of different kinds (text-to-image, edit) "
-                "at one step, which a sharded model cannot run (its ranks would wait on each other forever): "
-                "give it groups of one kind, or train without sharding (DDP)"
-            )
 
     def sharding_mesh(self) -> DeviceMesh | None:
         """The data-parallel mesh to shard over (FSDP2) under `ModelParallelStrategy`, else None."""
