@@ -172,6 +172,7 @@ trainer:
   strategy:
     class_path: lightning.pytorch.strategies.ModelParallelStrategy
     init_args: {{data_parallel_size: {WORLD}, tensor_parallel_size: 1, process_group_backend: gloo}}
+  default_root_dir: {path.with_suffix("")}
   log_every_n_steps: 1
   check_val_every_n_epoch: null
   num_sanity_val_steps: 0
@@ -187,6 +188,16 @@ trainer:
 def _shapes_data(options: str) -> str:
     return f"""  class_path: hyperbagel.datamodules.generation_datamodule.GenerationDataModule
   init_args: {{model_config: tiny, {options}}}"""
+
+
+def _validated_steps(steps: int, logs: Path) -> str:
+    """Trainer settings: `steps` steps, validated at the last, logged to TensorBoard under `logs`."""
+    return f"""  max_steps: {steps}
+  val_check_interval: {steps}
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {logs.parent}, name: {logs.name}}}"""
 
 
 def _fit(config: Path, *args: str) -> None:
@@ -235,12 +246,7 @@ def test_the_three_stages_fit_and_export_sharded(tmp_path: Path) -> None:
     tokenizer: shapes
     model_config: tiny
     batch_size: 2""",
-        f"""  max_steps: 3
-  val_check_interval: 3
-  enable_checkpointing: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {logs}, name: cfg}}""",
+        _validated_steps(3, logs / "cfg"),
         f"""    - class_path: hyperbagel.callbacks.export.BagelExport
       init_args: {{dirpath: {tmp_path / "cfg"}}}""",
     )
@@ -258,12 +264,7 @@ def test_the_three_stages_fit_and_export_sharded(tmp_path: Path) -> None:
     grid_examples: 2
     gradient_clip_val: 1.0""",
         data,
-        f"""  max_steps: 3
-  val_check_interval: 3
-  enable_checkpointing: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {logs}, name: tscd}}""",
+        _validated_steps(3, logs / "tscd"),
         f"""    - class_path: hyperbagel.callbacks.ema.EMA
       init_args: {{decay: 0.5}}
 {DISCRIMINATOR}

@@ -105,9 +105,9 @@ class TokenDiscriminator(Discriminator):
 
 class BagelDiscriminator(Discriminator):
     """The paper's discriminator: a trainable copy of the model's generation side (initialised from the
-    model it is attached to, sharing its frozen understanding weights or, under sharding, a separate
-    sharded copy) reads the latent tokens in their
-    context, and one head per chosen layer turns that layer's latent-token features into per-token logits.
+    model it is attached to; it shares the model's frozen understanding weights, or is a separate sharded
+    copy under sharding) reads the latent tokens in their context, and one head per chosen layer turns that
+    layer's latent-token features into per-token logits.
 
     Args:
         layers: hidden-state indexes the heads read (i = input of decoder layer i, num_layers = the last

@@ -13,7 +13,8 @@ Contexts are prefilled once per batch with the teacher's original weights (clean
 from the original generation weights, as in the paper's deployment) and queried by teacher and student.
 The teacher is either a `GenerationWeights` copy swapped into the student (one copy of the understanding
 weights; `teacher_copy="generation"`) or a separate frozen model (`"full"`, and always when sharded). Its
-tensors are not written into training checkpoints: a resumed run reloads them from `teacher`.
+tensors are not written into training checkpoints (except sharded ones, which Lightning loads key for key):
+a resumed run reloads them from `teacher`.
 """
 
 from __future__ import annotations
