@@ -82,6 +82,11 @@ def _check_sharded_model(rank: int, port: int) -> None:
         shard_bagel(model, mesh)
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert trainable and all(isinstance(p, DTensor) for p in trainable)
+        shards = [p for p in model.parameters() if isinstance(p, DTensor)]
+        held = torch.tensor(sum(p.to_local().numel() for p in shards))
+        assert held < sum(p.numel() for p in shards)  # each rank holds a part ...
+        dist.all_reduce(held)
+        assert held == sum(p.numel() for p in shards)  # ... and together they hold it all once
         batch = next(
             b
             for b in GenerationDataModule("tiny", n_train=4, batch_size=2).split("train")
@@ -126,13 +131,18 @@ def _check_sharded_model(rank: int, port: int) -> None:
 
         # callback and optimizer state: gathered whole, cut back into this rank's shards
         weight = model.vae2llm.weight
-        assert torch.equal(gathered({"w": [weight]})["w"][0], whole.vae2llm.weight)
+        gathered_weight = gathered({"w": [weight]})["w"][0]
+        assert (
+            torch.equal(gathered_weight, whole.vae2llm.weight) if rank == 0 else gathered_weight.numel() == 0
+        )
         assert torch.equal(resharded_like(whole.vae2llm.weight, weight).to_local(), weight.to_local())
         optimizer = torch.optim.AdamW(trainable, lr=1e-3)
         for p in trainable:
             p.grad = torch.ones_like(p)
         optimizer.step()
         saved = gathered(optimizer.state_dict())
+        dist.broadcast_object_list(box := [saved])  # as every rank reads rank 0's checkpoint
+        saved = box[0]
         restored = torch.optim.AdamW(trainable, lr=1e-3)
         restored.load_state_dict(saved)
         reshard_optimizer_state(restored)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -122,10 +123,13 @@ def full_state_dict(model: nn.Module) -> dict[str, Any]:
 
 def gathered(value: Any) -> Any:
     """`value` (nested dicts / lists / tuples of tensors, e.g. a callback's or optimizer's state) with every
-    DTensor replaced by its whole tensor on the CPU. Lightning saves callback states from rank 0 alone, so
-    sharded state must be whole there. A collective when it holds DTensors: every rank must call it."""
+    DTensor replaced by its whole tensor on rank 0's CPU and by an empty placeholder elsewhere. Lightning
+    saves callback states from rank 0 alone, so sharded state must be whole there, and only there: eight
+    whole copies of a 7B model's EMA would not fit a node's memory. A collective when it holds DTensors:
+    every rank must call it."""
     if isinstance(value, DTensor):
-        return value.full_tensor().cpu()
+        whole = value.full_tensor()
+        return whole.cpu() if dist.get_rank() == 0 else torch.empty(0)
     if isinstance(value, dict):
         return {key: gathered(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

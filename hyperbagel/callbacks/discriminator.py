@@ -274,7 +274,7 @@ class AdversarialDiscriminator(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return dict(self._pending or {})
-        return {  # whole on every rank (a sharded backbone is gathered): rank 0 alone saves callback states
+        return {  # a sharded backbone's state whole on rank 0, which alone saves callback states
             "discriminator": gathered(self.discriminator.state_dict()),
             "optimizer": gathered(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,

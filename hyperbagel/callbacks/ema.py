@@ -114,7 +114,7 @@ class EMA(Callback):
         if not self.initialized:
             return dict(self._pending or {})
         return {
-            "ema": gathered(self.ema_state_dict()),  # whole on every rank: rank 0 alone saves it
+            "ema": gathered(self.ema_state_dict()),  # a shard's average whole on rank 0, which saves it
             "num_updates": self.num_updates,
             "last_step": self._last_step,
         }
