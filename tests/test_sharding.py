@@ -34,6 +34,7 @@ from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
 from hyperbagel.datamodules.shapes_export import export_shapes_world
 from hyperbagel.datamodules.shapes_tokenizer import build_shapes_tokenizer
 from hyperbagel.distillation.generation_weights import is_generation_key
+from hyperbagel.distillation.side_copies import load_generation_copy
 from hyperbagel.lightning_modules.manual import clip_gradients
 
 from helpers import run_hyperbagel
@@ -72,7 +73,7 @@ def _velocity(model: Bagel, batch) -> torch.Tensor:
     return contexts.velocity(x, torch.full((len(batch),), 0.7), [CFGConfig(text_scale=3.0)] * len(batch))
 
 
-def _check_sharded_model(rank: int, port: int) -> None:
+def _check_sharded_model(rank: int, port: int, folders: tuple[Path, Path]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -155,6 +156,12 @@ def _check_sharded_model(rank: int, port: int) -> None:
 
         with pytest.raises(ValueError, match="cannot update sharded"):
             check_optimizer_shards(bnb.optim.AdamW8bit(trainable))
+        # a side model loaded from a folder must share the frozen weights, checked shard by shard
+        same, other = folders
+        assert torch.equal(_velocity(load_generation_copy(same, model).bagel, batch), reference)
+        with pytest.raises(ValueError, match="does not share the model's frozen .*embed_tokens"):
+            load_generation_copy(other, model)
+
         lm_head = _tiny_student()
         lm_head.language_model.lm_head.weight.requires_grad_(True)
         with pytest.raises(ValueError, match="language_model.lm_head.weight"):
@@ -163,8 +170,13 @@ def _check_sharded_model(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def test_a_sharded_bagel_computes_clones_and_gathers_exactly() -> None:
-    mp.spawn(_check_sharded_model, args=(_free_port(),), nprocs=WORLD)
+def test_a_sharded_bagel_computes_clones_and_gathers_exactly(tmp_path: Path) -> None:
+    save_pretrained(_tiny_student(), tmp_path / "same", tokenizer=build_shapes_tokenizer())
+    other = _tiny_student()
+    with torch.no_grad():
+        other.language_model.model.embed_tokens.weight.add_(1.0)  # another frozen part
+    save_pretrained(other, tmp_path / "other", tokenizer=build_shapes_tokenizer())
+    mp.spawn(_check_sharded_model, args=(_free_port(), (tmp_path / "same", tmp_path / "other")), nprocs=WORLD)
 
 
 # --- the stages through the CLI, sharded over two CPU processes ---------------------------------------------

@@ -80,9 +80,8 @@ def load_generation_copy(folder: str | Path, model: Bagel, trainable: bool = Fal
     other = from_pretrained(folder, dtype=model.dtype, load_autoencoder=False)
     own = {name: tuple(p.shape) for name, p in model.named_parameters()}
     check_generation_keys(own, {name: tuple(p.shape) for name, p in other.named_parameters()}, str(folder))
-    shard_bagel(other.requires_grad_(False), mesh_of(model))
-    other.to(model.device)
-    _check_shared(other, model, folder)
+    shard_bagel(other.requires_grad_(False), mesh_of(model))  # moves its shards to the mesh's device
+    _check_shared(other, model, folder)  # whole tensors of both are still where they were loaded
     other.autoencoder = model._autoencoder
     return SeparateCopy(other, trainable)
 
