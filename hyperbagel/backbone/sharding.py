@@ -108,6 +108,7 @@ def local_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def mesh_of(model: nn.Module) -> DeviceMesh:
+    """The mesh a sharded model's parameters are spread over (side copies are sharded over the same)."""
     for param in model.parameters():
         if isinstance(param, DTensor):
             return param.device_mesh

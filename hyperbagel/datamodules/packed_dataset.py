@@ -351,7 +351,7 @@ class _DataStream:
         self.draws += 1
         if self.dataset.infinite:
             candidates, weights = list(range(len(self.groups))), self.weights
-            if among is not None:
+            if among is not None and len(among) < len(self.groups):
                 candidates = list(among)
                 weights = self.weights[candidates] / self.weights[candidates].sum()
             group = self.groups[candidates[int(rng.choice(len(candidates), p=weights))]]
