@@ -14,8 +14,9 @@ unconditional context is prefilled and each step costs one model evaluation (`sa
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import torch
@@ -160,8 +161,13 @@ class ImageContexts:
 
     def for_model(self, model: Bagel) -> ImageContexts:
         """The same prefilled contexts queried by another model sharing the frozen weights that filled
-        them (a student, or a side model held as a separate copy)."""
-        return self if model is self.model else replace(self, model=model)
+        them (a student, or a side model held as a separate copy). A shallow copy: the cache and the
+        query packs (which depend on the shared config only) are reused, not rebuilt per call."""
+        if model is self.model:
+            return self
+        view = copy.copy(self)
+        view.model = model
+        return view
 
     def _per_token(self, value: float | torch.Tensor, rows: int) -> torch.Tensor:
         """A scalar or per-row [rows] value repeated for every latent token of its row: [rows * N]."""

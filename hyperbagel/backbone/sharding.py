@@ -150,12 +150,12 @@ def resharded_like(value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
 def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """After `optimizer.load_state_dict` of gathered state: cut the whole per-parameter tensors (moments)
     of sharded parameters back into shards like their parameters."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, item in state.items():
-                if isinstance(param, DTensor) and torch.is_tensor(item) and item.shape == param.shape:
-                    state[key] = resharded_like(item, param)
+    sharded = [p for group in optimizer.param_groups for p in group["params"] if isinstance(p, DTensor)]
+    for param in sharded:
+        state = optimizer.state.get(param, {})
+        for key, item in state.items():
+            if torch.is_tensor(item) and item.shape == param.shape:
+                state[key] = resharded_like(item, param)
 
 
 def check_optimizer_shards(optimizer: torch.optim.Optimizer) -> None:

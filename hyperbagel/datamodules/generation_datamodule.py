@@ -415,8 +415,8 @@ class ParquetGenerationStream(GroupMixture):
                 waiting.extend((draws, i, items[i]) for i in indexes)
                 draws += 1
         state = self._stream(stream, num_streams, cursor)
+        kind = self.scheduled_kind(stream, yielded)
         while True:
-            kind = self.scheduled_kind(stream, yielded)
             if finished[kind]:
                 entries = finished[kind].popleft()
                 yielded += 1
@@ -441,6 +441,7 @@ class ParquetGenerationStream(GroupMixture):
                 batch = GenerationBatch.collate([item for _, _, item in entries])
                 yield PositionedBatch(batch, stream, num_streams, after, bad_rows)
                 bad_rows = []
+                kind = self.scheduled_kind(stream, yielded)
                 continue
             if not waiting:
                 snapshot = state.snapshot()

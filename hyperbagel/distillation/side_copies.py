@@ -51,9 +51,6 @@ class SeparateCopy(nn.Module):
         """The copy itself (it holds the shared frozen weights too); `model` is the student it stands by."""
         yield self.bagel
 
-    def clone(self, trainable: bool) -> SeparateCopy:
-        return SeparateCopy(clone_sharded(self.bagel), trainable)
-
 
 SideCopy = GenerationWeights | SeparateCopy
 
@@ -68,7 +65,7 @@ def generation_copy(model: Bagel, trainable: bool = False) -> SideCopy:
 def clone_copy(copy: SideCopy, trainable: bool) -> SideCopy:
     """An independent side model with `copy`'s weights (e.g. a fake score started at the teacher)."""
     if isinstance(copy, SeparateCopy):
-        return copy.clone(trainable)
+        return SeparateCopy(clone_sharded(copy.bagel), trainable)
     return GenerationWeights({n: p.detach().clone() for n, p in copy.named_parameters()}, trainable)
 
 
