@@ -11,8 +11,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from hyperbagel.backbone.autoencoder import BagelAutoencoder
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import from_pretrained, save_pretrained
+from hyperbagel.backbone.flow import sampling_schedule
+from hyperbagel.backbone.inference import sample_latent_tokens
 from hyperbagel.callbacks.discriminator import AdversarialDiscriminator, TokenDiscriminator
 from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
+from hyperbagel.distillation.batches import GenerationBatch
 from hyperbagel.distillation.generation_weights import is_generation_key
 from hyperbagel.distillation.tscd import (
     LinearRamp,
@@ -173,6 +176,64 @@ def test_tscd_needs_a_loss_and_a_matching_teacher(
     stage = DistillTSCDStage(model=str(stage1_dir), teacher=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="does not share the model's frozen"):
         stage.configure_model()
+
+
+def test_rollout_segments_are_the_students_sampling_grid(stage1_dir: Path) -> None:
+    stage = DistillTSCDStage(model=str(stage1_dir), start="rollout", sample_steps=4, sample_shift=2.0)
+    assert stage.segments.edges == [float(t) for t in sampling_schedule(5, 2.0)]
+    with pytest.raises(ValueError, match="segments must be the sampling grid"):
+        DistillTSCDStage(model=str(stage1_dir), start="rollout", segments=[1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="start must be one of"):
+        DistillTSCDStage(model=str(stage1_dir), start="data")
+
+
+def test_rollout_start_is_the_students_own_sampler_state(stage1_dir: Path) -> None:
+    """The jump starts where the student's few-step sampler (the one used at inference) is after `index`
+    steps from the drawn noise."""
+    stage = DistillTSCDStage(model=str(stage1_dir), start="rollout", sample_steps=3)
+    stage.configure_model()
+    data = _data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    contexts, guidance = stage.prefill(batch), stage.guidance(batch)
+    stage.batch_generator = torch.Generator().manual_seed(5)
+    noise = stage.randn((len(batch), contexts.num_tokens, stage.model.config.latent_token_dim))
+    for index in range(3):
+        stage.batch_generator = torch.Generator().manual_seed(5)
+        state = stage.rollout_state(contexts, guidance, index)
+        expected = noise
+        if index:
+            grid = stage.sampling_timesteps()[: index + 1]
+            expected = sample_latent_tokens(contexts, noise, grid, guidance)
+        torch.testing.assert_close(state, expected, rtol=0, atol=0)
+        assert index == 0 or not torch.equal(state, noise)
+
+
+def test_rollout_tscd_trains_without_clean_latents(
+    tmp_path: Path, stage1_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: object) -> None:
+        raise AssertionError("a rollout start must not encode the clean target")
+
+    monkeypatch.setattr(GenerationBatch, "clean_tokens", refuse)
+    seed_everything(0)
+    stage = DistillTSCDStage(
+        model=str(stage1_dir),
+        teacher=str(stage1_dir),
+        start="rollout",
+        teacher_span=1.0,
+        teacher_steps=2,
+        consistency_loss="mse",
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+    stage.configure_model()
+    before = {name: p.detach().clone() for name, p in stage.model.named_parameters()}
+    trainer = _trainer(tmp_path, 3, [])
+    trainer.fit(stage, _data())
+    changed = {name for name, p in stage.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(is_generation_key(name) for name in changed)
+    assert 0 <= trainer.callback_metrics["train/generator/segment"] < stage.sample_steps
+    assert trainer.callback_metrics["train/generator/consistency"] > 0
 
 
 def test_tscd_fits_through_the_cli_and_exports_a_loadable_student(tmp_path: Path, stage1_dir: Path) -> None:

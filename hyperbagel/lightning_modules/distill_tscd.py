@@ -7,6 +7,15 @@ to the edge by a frozen student jump (the current student without gradients, or 
 trains the jump with a pure adversarial loss (the `AdversarialDiscriminator` callback sees real = target
 and fake = jump at the edge time, in the sample's context); an MSE or Huber consistency term with its own
 weight schedule is available for the ablation (Hyper-SD style). Only the generation side trains.
+
+Where the jump starts is a choice. The paper (after Hyper-SD) noises the clean latent to a random t of a
+random segment, so the student learns jumps from the data's noised marginals. `start="rollout"` instead
+makes every segment one step of the student's own sampling grid and starts each jump from the state the
+student itself reaches there, by sampling from fresh noise without gradients (on-policy, as DAgger
+trains a policy on the states it visits): an error of an early step is then seen, and corrected, by the
+later steps' training instead of only at sampling time. With the teacher integrating the whole segment
+(`teacher_span=1.0`), a student that fits its targets exactly samples the teacher's own ODE solution,
+segment by segment. No clean latent is used in that mode (the prompts are the data).
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hyperbagel.backbone.flow import add_noise
+from hyperbagel.backbone.flow import CFGConfig, add_noise, euler_sample, sampling_schedule
+from hyperbagel.backbone.inference import ImageContexts
 from hyperbagel.callbacks.discriminator import find_discriminator
 from hyperbagel.callbacks.ema import require_ema
 from hyperbagel.distillation.batches import GenerationBatch
@@ -32,6 +42,7 @@ from hyperbagel.distillation.tscd import (
 from hyperbagel.lightning_modules.manual import GenerationDistillStage
 
 TARGETS = ("student", "ema")
+STARTS = ("noised", "rollout")
 
 
 class DistillTSCDStage(GenerationDistillStage):
@@ -39,7 +50,10 @@ class DistillTSCDStage(GenerationDistillStage):
 
     Args:
         segments: descending segment edges from 1.0 to 0.0; default 3 equal segments of the student's
-            shifted sampling grid (`Segments.uniform(3, sample_shift)`: 1, 6/7, 3/5, 0 at shift 3).
+            shifted sampling grid (`Segments.uniform(3, sample_shift)`: 1, 6/7, 3/5, 0 at shift 3). With
+            `start="rollout"` the segments are the sampling grid's steps (None, or exactly those edges).
+        start: "noised" (the paper: the clean latent noised to a random time of a random segment) or
+            "rollout" (the student's own no-grad sampler state at a random step of its grid).
         teacher_span: the teacher integrates this fraction of the remaining segment, from t toward the
             lower edge (1.0: the whole way, no target-student jump).
         teacher_steps: Euler steps of the teacher over that span.
@@ -58,6 +72,7 @@ class DistillTSCDStage(GenerationDistillStage):
         teacher_span: float = 0.5,
         teacher_steps: int = 1,
         target: str = "student",
+        start: str = "noised",
         adversarial_weight: LinearRamp | None = None,
         consistency_loss: str | None = None,
         consistency_weight: LinearRamp | None = None,
@@ -73,7 +88,10 @@ class DistillTSCDStage(GenerationDistillStage):
             raise ValueError(
                 f"consistency_loss must be None or one of {CONSISTENCY_LOSSES}, got {consistency_loss!r}"
             )
-        self.segments = Segments(segments) if segments is not None else Segments.uniform(3, self.sample_shift)
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        self.start = start
+        self.segments = self.segments_for(segments)
         self.teacher_span = teacher_span
         self.teacher_steps = teacher_steps
         self.target = target
@@ -81,6 +99,22 @@ class DistillTSCDStage(GenerationDistillStage):
         self.consistency_kind = consistency_loss
         self.consistency_weight = consistency_weight or LinearRamp(1.0 if consistency_loss else 0.0)
         self.huber_delta = huber_delta
+
+    def segments_for(self, edges: list[float] | None) -> Segments:
+        """The configured segments; under rollout starts, the student's sampling grid (its float32 times)."""
+        if self.start == "noised":
+            return Segments(edges) if edges is not None else Segments.uniform(3, self.sample_shift)
+        grid = [float(t) for t in sampling_schedule(self.sample_steps + 1, self.sample_shift)]
+        differs = edges is not None and (
+            len(edges) != len(grid) or any(abs(a - b) > 1e-6 for a, b in zip(edges, grid))
+        )
+        if differs:
+            raise ValueError(
+                f"start='rollout' jumps one sampling step at a time: segments must be the sampling grid "
+                f"{[round(t, 6) for t in grid]} (sample_steps {self.sample_steps}, sample_shift "
+                f"{self.sample_shift}) or null, got {edges}"
+            )
+        return Segments(grid)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and find_discriminator(self.trainer) is None and self.consistency_kind is None:
@@ -97,12 +131,37 @@ class DistillTSCDStage(GenerationDistillStage):
             return require_ema(self.trainer, type(self).__name__).swapped_in(self)
         return nullcontext()
 
-    def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
+    @torch.no_grad()
+    def rollout_state(self, contexts: ImageContexts, guidance: list[CFGConfig], index: int) -> torch.Tensor:
+        """The state the student's sampler reaches at grid time `edges[index]` from fresh noise, run with
+        the weights that complete targets (the student without gradients, or its EMA)."""
+        tokens, dim = contexts.num_tokens, self.model.config.latent_token_dim
+        noise = self.randn((contexts.batch_size, tokens, dim), like=self.model.vae2llm.weight)
+        if index == 0:
+            return noise
+        with self.target_weights():
+            return euler_sample(
+                lambda x, s, _: self.velocity(contexts, x, s, guidance),
+                noise,
+                torch.tensor(self.segments.edges[: index + 1], dtype=torch.float32),
+            )
+
+    def jump_start(
+        self, batch: GenerationBatch, contexts: ImageContexts, guidance: list[CFGConfig]
+    ) -> tuple[torch.Tensor, float, int]:
+        """(x_t, t, segment index) of this step's jump: see the module docstring on `start`."""
+        if self.start == "rollout":
+            index = int(torch.randint(self.segments.num_segments, (), generator=self.batch_generator))
+            t = self.segments.bounds(index)[1]
+            return self.rollout_state(contexts, guidance, index), t, index
         clean = batch.clean_tokens(self.model)
-        guidance, contexts = self.guidance(batch), self.prefill(batch)
         t, index = self.segments.sample(self.batch_generator)
-        lower, upper = self.segments.bounds(index)
-        x_t = add_noise(clean, self.randn(clean.shape, like=clean), t)
+        return add_noise(clean, self.randn(clean.shape, like=clean), t), t, index
+
+    def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
+        guidance, contexts = self.guidance(batch), self.prefill(batch)
+        x_t, t, index = self.jump_start(batch, contexts, guidance)
+        lower = self.segments.bounds(index)[0]
         time, edge = torch.tensor(t), torch.tensor(lower)
 
         with torch.no_grad(), self.target_weights():
