@@ -18,6 +18,7 @@ BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
 LAYERED_OVER = {  # ablation config -> the config it is layered over
     **{path: ROOT / "shapes" / "draft_head.yaml" for path in ROOT.glob("shapes/draft_head_ablations/*.yaml")},
     ROOT / "shapes" / "distill_ablations" / "tscd_mse.yaml": ROOT / "shapes" / "distill_tscd.yaml",
+    ROOT / "shapes" / "distill_ablations" / "tscd_rollout.yaml": ROOT / "shapes" / "distill_tscd.yaml",
     ROOT / "shapes" / "distill_ablations" / "dmd_sde.yaml": ROOT / "shapes" / "distill_dmdo.yaml",
 }
 
