@@ -281,6 +281,9 @@ def test_the_three_stages_fit_and_export_sharded(tmp_path: Path) -> None:
   init_args:
     model: {tmp_path / "cfg"}
     target: ema
+    start: rollout
+    teacher_span: 1.0
+    teacher_steps: 2
     consistency_loss: mse
     val_teacher_steps: 2
     grid_examples: 2

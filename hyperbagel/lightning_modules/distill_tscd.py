@@ -151,7 +151,7 @@ class DistillTSCDStage(GenerationDistillStage):
     ) -> tuple[torch.Tensor, float, int]:
         """(x_t, t, segment index) of this step's jump: see the module docstring on `start`."""
         if self.start == "rollout":
-            index = int(torch.randint(self.segments.num_segments, (), generator=self.batch_generator))
+            index = int(torch.randint(self.segments.num_segments, (), generator=self.step_generator))
             t = self.segments.bounds(index)[1]
             return self.rollout_state(contexts, guidance, index), t, index
         clean = batch.clean_tokens(self.model)

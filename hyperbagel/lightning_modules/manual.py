@@ -14,7 +14,9 @@ this base does them once for every such stage:
 - a NaN or inf in any loss term stops the run naming the step, the term and the last checkpoint written
   (or, with `on_nonfinite="skip"`, drops the whole accumulated step and counts it);
 - the random draws of a batch come from `batch_generator`, seeded by (seed, batch index, rank), so a run
-  resumed from a checkpoint draws exactly what an uninterrupted one draws.
+  resumed from a checkpoint draws exactly what an uninterrupted one draws; a draw that decides how many
+  forwards a step runs comes from `step_generator`, seeded without the rank, because sharded ranks must
+  all call the same layers.
 Optimizers and schedulers are Lightning's, so they are in the checkpoint; callbacks (EMA, discriminator)
 store their own state there.
 
@@ -130,6 +132,7 @@ class ManualStage(BagelStage):
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         self.batch_generator = torch.Generator()
+        self.step_generator = torch.Generator()
         self._batch_idx = 0
         self._step_skipped = False
         self._used: dict[str, torch.optim.Optimizer] = {}  # optimizers that got gradients this step
@@ -183,7 +186,8 @@ class ManualStage(BagelStage):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
-        self.batch_generator = self._seeded_generator()
+        self.batch_generator = self._seeded_generator(self.global_rank)
+        self.step_generator = self._seeded_generator()
         self.training_updates(batch, batch_idx)
         if not self.ends_step():
             return
@@ -202,9 +206,9 @@ class ManualStage(BagelStage):
         """Whether the current batch closes an accumulated step (or the epoch)."""
         return (self._batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
 
-    def _seeded_generator(self) -> torch.Generator:
+    def _seeded_generator(self, *more_entropy: int) -> torch.Generator:
         batch = self.trainer.fit_loop.epoch_loop.total_batch_idx
-        entropy = [self.seed, batch, self.global_rank]
+        entropy = [self.seed, batch, *more_entropy]
         seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
         return torch.Generator().manual_seed(seed)
 
