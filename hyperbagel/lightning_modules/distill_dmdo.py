@@ -215,9 +215,7 @@ class DistillDMDOStage(GenerationDistillStage):
 
     def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
         guidance, contexts = self.guidance(batch), self.prefill(batch)
-        tokens = contexts.num_tokens
-        dim = self.model.config.latent_token_dim
-        noise = self.randn((len(batch), tokens, dim), like=self.model.vae2llm.weight)
+        noise = self.fresh_noise(contexts)
         trajectory = roll_trajectory(
             lambda x, t: self.velocity(contexts, x, t, guidance),
             noise,

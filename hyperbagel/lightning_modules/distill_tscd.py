@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hyperbagel.backbone.flow import CFGConfig, add_noise, euler_sample, sampling_schedule
-from hyperbagel.backbone.inference import ImageContexts
+from hyperbagel.backbone.flow import CFGConfig, add_noise
+from hyperbagel.backbone.inference import ImageContexts, sample_latent_tokens
 from hyperbagel.callbacks.discriminator import find_discriminator
 from hyperbagel.callbacks.ema import require_ema
 from hyperbagel.distillation.batches import GenerationBatch
@@ -104,7 +104,7 @@ class DistillTSCDStage(GenerationDistillStage):
         """The configured segments; under rollout starts, the student's sampling grid (its float32 times)."""
         if self.start == "noised":
             return Segments(edges) if edges is not None else Segments.uniform(3, self.sample_shift)
-        grid = [float(t) for t in sampling_schedule(self.sample_steps + 1, self.sample_shift)]
+        grid = [float(t) for t in self.sampling_timesteps()]
         differs = edges is not None and (
             len(edges) != len(grid) or any(abs(a - b) > 1e-6 for a, b in zip(edges, grid))
         )
@@ -135,16 +135,12 @@ class DistillTSCDStage(GenerationDistillStage):
     def rollout_state(self, contexts: ImageContexts, guidance: list[CFGConfig], index: int) -> torch.Tensor:
         """The state the student's sampler reaches at grid time `edges[index]` from fresh noise, run with
         the weights that complete targets (the student without gradients, or its EMA)."""
-        tokens, dim = contexts.num_tokens, self.model.config.latent_token_dim
-        noise = self.randn((contexts.batch_size, tokens, dim), like=self.model.vae2llm.weight)
+        noise = self.fresh_noise(contexts)
         if index == 0:
             return noise
+        grid = torch.tensor(self.segments.edges[: index + 1], dtype=torch.float32)
         with self.target_weights():
-            return euler_sample(
-                lambda x, s, _: self.velocity(contexts, x, s, guidance),
-                noise,
-                torch.tensor(self.segments.edges[: index + 1], dtype=torch.float32),
-            )
+            return sample_latent_tokens(contexts, noise, grid, guidance)
 
     def jump_start(
         self, batch: GenerationBatch, contexts: ImageContexts, guidance: list[CFGConfig]

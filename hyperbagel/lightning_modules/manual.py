@@ -376,6 +376,12 @@ class GenerationDistillStage(ManualStage):
     def sampling_timesteps(self, steps: int | None = None) -> torch.Tensor:
         return sampling_schedule((steps or self.sample_steps) + 1, self.sample_shift, device=self.device)
 
+    def fresh_noise(self, contexts: ImageContexts) -> torch.Tensor:
+        """Gaussian latent tokens [B, N, D] for the contexts' prompts, from `batch_generator`: where a
+        trajectory of the student starts."""
+        shape = (contexts.batch_size, contexts.num_tokens, self.model.config.latent_token_dim)
+        return self.randn(shape, like=self.model.vae2llm.weight)
+
     @torch.no_grad()
     def prefill(self, batch: GenerationBatch) -> ImageContexts:
         """The batch's contexts prefilled under the teacher's weights; the unconditional ones only when
