@@ -251,8 +251,10 @@ def test_fake_score_interpolates_with_the_trajectory_noise_or_fresh_noise(
     assert torch.equal(seen["fake"], seen["trajectory"]) == (score_noise == "trajectory")
 
 
-@pytest.mark.parametrize(("option", "value"), [("score_noise", "shared"), ("real_score", "data")])
-def test_dmdo_refuses_unknown_score_options(stage2_dir: Path, option: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("option", "value"), [("score_noise", "shared"), ("real_score", "data"), ("real_score_shift", 0.0)]
+)
+def test_dmdo_refuses_unknown_score_options(stage2_dir: Path, option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
         DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), **{option: value})
 
@@ -276,22 +278,26 @@ def test_a_learned_real_score_is_fitted_to_the_teachers_samples_and_checkpointed
 ) -> None:
     import hyperbagel.lightning_modules.distill_dmdo as dmdo
 
-    grids: list[int] = []
+    grids: list[torch.Tensor] = []
 
     def recording_roll(velocity, noise, timesteps, *args, **kwargs):
-        grids.append(len(timesteps) - 1)
+        grids.append(timesteps)
         return roll_trajectory(velocity, noise, timesteps, *args, **kwargs)
 
     monkeypatch.setattr(dmdo, "roll_trajectory", recording_roll)
     seed_everything(0)
-    stage = _learned_real_stage(stage2_dir, real_score_steps=3)
+    stage = _learned_real_stage(stage2_dir, real_score_steps=3, sample_shift=1.5, real_score_shift=3.0)
     counter = CountSteps()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
     trainer = quiet_trainer(tmp_path, 2, [counter, checkpoints], limit_val_batches=0, num_sanity_val_steps=0)
     stage.configure_model()
     teacher = {n: p.detach().clone() for n, p in stage.teacher.named_parameters()}
     trainer.fit(stage, _data())
-    assert grids == [6, 3, 6, 3]  # per step: the student's rollout, then the teacher's for the real score
+    # per step: the student's rollout on its own grid, then the teacher's on the real score's grid
+    student, teacher_grid = sampling_schedule(7, 1.5), sampling_schedule(4, 3.0)
+    assert len(grids) == 4
+    for got, expected in zip(grids, [student, teacher_grid, student, teacher_grid], strict=True):
+        assert torch.equal(got, expected)
     assert counter.counts == [2, 2, 2]  # generator, fake score, real score
     assert any(not torch.equal(p, teacher[n]) for n, p in stage.real_score.named_parameters())
     assert all(torch.equal(p, teacher[n]) for n, p in stage.teacher.named_parameters())

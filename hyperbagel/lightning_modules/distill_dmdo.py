@@ -84,6 +84,10 @@ class DistillDMDOStage(GenerationDistillStage):
         real_score: "teacher" (the frozen teacher's velocity, DMD2's choice) or "learned" (a copy of the
             teacher fitted to the teacher's own samples like the fake; see the module docstring).
         real_score_steps: Euler steps of the teacher's ODE that draws the learned real score's samples.
+        real_score_shift: shift of that ODE's grid (default the student's `sample_shift`). Why apart: the
+            student's grid is chosen for few steps (a low shift puts its last step nearer t = 0), while the
+            samples that stand for the teacher's distribution are best drawn on the grid the teacher was
+            trained and scores best on.
         score_noise: "trajectory" (interpolate with the trajectory's own x_T, the paper's description)
             or "fresh" (independent noise, as the teacher was trained) for the learned scores in "ode"
             mode; "sde" mode always uses fresh noise.
@@ -107,6 +111,7 @@ class DistillDMDOStage(GenerationDistillStage):
         fake_score_gradient_clip_val: float | None = None,
         real_score: str = "teacher",
         real_score_steps: int = 25,
+        real_score_shift: float | None = None,
         score_noise: str = "trajectory",
         regression_weight: float = 0.0,
         generator_every: int = 5,
@@ -125,6 +130,8 @@ class DistillDMDOStage(GenerationDistillStage):
             raise ValueError(f"real_score must be one of {REAL_SCORES}, got {real_score!r}")
         if real_score_steps < 1:
             raise ValueError(f"real_score_steps must be at least 1, got {real_score_steps}")
+        if real_score_shift is not None and real_score_shift <= 0:
+            raise ValueError(f"real_score_shift must be > 0, got {real_score_shift}")
         if score_noise not in SCORE_NOISES:
             raise ValueError(f"score_noise must be one of {SCORE_NOISES}, got {score_noise!r}")
         if regression_weight < 0 or (regression_weight > 0 and mode != "ode"):
@@ -146,6 +153,7 @@ class DistillDMDOStage(GenerationDistillStage):
         self.fake_score_gradient_clip_val = fake_score_gradient_clip_val
         self.real_score_kind = real_score
         self.real_score_steps = real_score_steps
+        self.real_score_shift = real_score_shift
         self.score_noise = score_noise
         self.regression_weight = regression_weight
         self.generator_every = generator_every
@@ -234,7 +242,7 @@ class DistillDMDOStage(GenerationDistillStage):
                 teacher_sample = roll_trajectory(
                     lambda x, t: teacher_contexts.velocity(x, t, guidance),
                     noise,
-                    self.sampling_timesteps(self.real_score_steps),
+                    self.sampling_timesteps(self.real_score_steps, self.real_score_shift),
                 ).sample
         if self.real_score is not None:
             self.fit_score("real_score", self.real_score, contexts, guidance, teacher_sample, interpolation)

@@ -373,8 +373,10 @@ class GenerationDistillStage(ManualStage):
     def guidance(self, batch: GenerationBatch) -> list[CFGConfig]:
         return [self.cfgs[kind] for kind in batch.kinds]
 
-    def sampling_timesteps(self, steps: int | None = None) -> torch.Tensor:
-        return sampling_schedule((steps or self.sample_steps) + 1, self.sample_shift, device=self.device)
+    def sampling_timesteps(self, steps: int | None = None, shift: float | None = None) -> torch.Tensor:
+        """An Euler grid of `steps` (default the student's) at `shift` (default the student's)."""
+        steps, shift = steps or self.sample_steps, self.sample_shift if shift is None else shift
+        return sampling_schedule(steps + 1, shift, device=self.device)
 
     def fresh_noise(self, contexts: ImageContexts) -> torch.Tensor:
         """Gaussian latent tokens [B, N, D] for the contexts' prompts, from `batch_generator`: where a
