@@ -17,7 +17,9 @@ taking turns image by image after one warm-up call each, context prefill and VAE
 `--dtype bfloat16` runs every model in BAGEL's own inference dtype (exports are stored in float32).
 JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`, `geneval` (per category
 and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
-`seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`; the samplers and settings used.
+`seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`, `geneval_gap` (the student's
+`overall` minus the teacher's with its paired standard error: the prompts and noise are shared, so the
+error of the gap is much smaller than that of either score); the samplers and settings used.
 A student whose generation keys do not match the teacher's is refused with the keys listed.
 """
 
@@ -52,7 +54,15 @@ from hyperbagel.distillation.generation_weights import (
     GenerationWeights,
     check_generation_keys,
 )
-from hyperbagel.evaluation.suite import SamplerSettings, evaluate_edit, evaluate_t2i, save_grid, write_summary
+from hyperbagel.evaluation.geneval import paired_overall_gap
+from hyperbagel.evaluation.suite import (
+    SamplerSettings,
+    TaskResult,
+    evaluate_edit,
+    evaluate_t2i,
+    save_grid,
+    write_summary,
+)
 
 GRID_COLUMNS = 6  # samples per row of the comparison grid
 
@@ -165,8 +175,8 @@ def model_report(
     args: argparse.Namespace,
     t2i_samples: list[T2ISample],
     edit_samples: list[EditSample],
-) -> tuple[dict[str, Any], list[Image.Image], list[Image.Image]]:
-    """The quality part of one model's JSON entry, and its text-to-image and edited images (sample order)."""
+) -> tuple[dict[str, Any], TaskResult, TaskResult]:
+    """The quality part of one model's JSON entry, and its text-to-image and editing results."""
     inferencer, num_timesteps, shift = model
     t2i_cfg, edit_cfg = cfgs(args)
     t2i_sampler = SamplerSettings(num_timesteps, shift, t2i_cfg)
@@ -183,7 +193,7 @@ def model_report(
         "sampler": {"t2i": t2i_sampler.to_dict(), "edit": edit_sampler.to_dict()},
         "guidance_distilled": inferencer.model.has_guidance_embedders,
     }
-    return report, t2i.outputs, edit.outputs
+    return report, t2i, edit
 
 
 def forward_cost(
@@ -262,11 +272,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         deployed = DeployedInferencer(original, tokenizer, weights)
         models["student_deployed"] = ModelUnderTest(deployed, args.student_steps + 1, args.student_shift)
     summary: dict[str, Any] = {}
-    t2i_images, edit_images = {}, {}
+    t2i_results, edit_results = {}, {}
     for name, model in models.items():
-        summary[name], t2i_images[name], edit_images[name] = model_report(
+        summary[name], t2i_results[name], edit_results[name] = model_report(
             model, args, t2i_samples, edit_samples
         )
+    gap = paired_overall_gap(t2i_results["teacher"].verdicts, t2i_results["student"].verdicts, t2i_samples)
+    summary["geneval_gap"] = {
+        "student_minus_teacher": gap["candidate_minus_baseline"],
+        "standard_error": gap["standard_error"],
+    }
     for task in ("t2i", "edit"):
         runs = {
             name: timing_runs(model, args, t2i_samples, edit_samples)[task] for name, model in models.items()
@@ -279,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid_path = args.out.with_name(f"{args.out.stem}_samples.png")
+    t2i_images = {name: result.outputs for name, result in t2i_results.items()}
+    edit_images = {name: result.outputs for name, result in edit_results.items()}
     rows = comparison_rows(list(models), t2i_images, edit_images, t2i_samples, edit_samples)
     save_grid(rows, grid_path, args.canvas_size)
     summary["settings"] = {

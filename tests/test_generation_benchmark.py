@@ -69,6 +69,10 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
         key = f"seconds_per_image_{task}"
         assert summary[f"speedup_{task}"] == pytest.approx(summary["teacher"][key] / summary["student"][key])
     assert summary["settings"]["dtype"] == "float32"  # as stored
+    overalls = {name: summary[name]["geneval"]["overall"] for name in ("teacher", "student")}
+    gap = summary["geneval_gap"]
+    assert gap["student_minus_teacher"] == pytest.approx(overalls["student"] - overalls["teacher"])
+    assert gap["standard_error"] is None  # one prompt a category: no variance to estimate
     # text-to-image contexts hold text only, so deployment and the plain student draw the same images
     assert summary["student_deployed"]["geneval"] == summary["student"]["geneval"]
     cost = summary["forward_cost"]

@@ -16,7 +16,13 @@ from hyperbagel.datamodules.shapes import EDIT_KINDS, T2I_CATEGORIES, ShapesWorl
 from hyperbagel.datamodules.shapes_scene import COLORS, PALETTE, SHAPES, Scene, ShapeObject, render
 from hyperbagel.evaluation.detector import UNKNOWN_SHAPE, connected_components, detect, segment
 from hyperbagel.evaluation.editing import edit_scores, score_edit
-from hyperbagel.evaluation.geneval import geneval_scores, relation_holds, score_t2i
+from hyperbagel.evaluation.geneval import (
+    geneval_scores,
+    paired_overall_gap,
+    relation_holds,
+    score_t2i,
+    scores_from_passes,
+)
 from hyperbagel.evaluation.understanding import answer_accuracy
 
 S = 64
@@ -234,6 +240,23 @@ def test_geneval_scores_per_category_and_overall(t2i):
     assert scores["overall"] == pytest.approx(sum(passing.values()) / 24)
     partial = geneval_scores([t2i["counting"][0].image], [t2i["counting"][0]])
     assert partial["counting"] == 1.0 and partial["overall"] == 1.0 and math.isnan(partial["position"])
+
+
+def test_paired_gap_is_the_difference_of_overalls_with_the_error_of_a_mean_of_category_means(t2i):
+    samples = t2i["single_object"][:3] + t2i["counting"][:3]
+    baseline = [True, False, True, False, False, True]
+    candidate = [True, True, True, True, False, True]
+    gap = paired_overall_gap(baseline, candidate, samples)
+    expected = (
+        scores_from_passes(candidate, samples)["overall"] - scores_from_passes(baseline, samples)["overall"]
+    )
+    assert gap["candidate_minus_baseline"] == pytest.approx(expected) == pytest.approx(1 / 3)
+    # per-category differences [0, 1, 0] and [1, 0, 0]: sample variance 1/3 each over 3 prompts, 2 categories
+    assert gap["standard_error"] == pytest.approx(math.sqrt(2 * (1 / 3) / 3) / 2)
+    assert gap["prompts"] == 6
+    assert paired_overall_gap(baseline, baseline, samples)["standard_error"] == 0.0
+    with pytest.raises(ValueError, match="verdicts"):
+        paired_overall_gap(baseline[:5], candidate, samples)
 
 
 def test_scoring_is_fast(t2i):

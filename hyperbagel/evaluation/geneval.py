@@ -59,19 +59,59 @@ def score_t2i(
     return relation_holds(boxes[first], boxes[second], sample.spec.relation)
 
 
+def geneval_passes(
+    images: Sequence[Image.Image | np.ndarray],
+    samples: Sequence[T2ISample],
+    config: DetectorConfig = DEFAULT_CONFIG,
+) -> list[bool]:
+    """The strict verdict of each image against its sample's prompt, in sample order."""
+    if len(images) != len(samples):
+        raise ValueError(f"got {len(images)} images for {len(samples)} samples")
+    return [score_t2i(image, sample, config) for image, sample in zip(images, samples, strict=True)]
+
+
+def _by_category(values: Sequence[float], samples: Sequence[T2ISample]) -> dict[str, list[float]]:
+    grouped: dict[str, list[float]] = {c: [] for c in T2I_CATEGORIES}
+    for value, sample in zip(values, samples, strict=True):
+        grouped[sample.category].append(float(value))
+    return grouped
+
+
+def scores_from_passes(passes: Sequence[bool], samples: Sequence[T2ISample]) -> dict[str, float]:
+    """Accuracy per category (keys: the six GenEval categories; NaN for a category without samples) and
+    `overall`, the mean of the categories that have samples."""
+    passed = _by_category(passes, samples)
+    scores = {c: (sum(v) / len(v) if v else math.nan) for c, v in passed.items()}
+    present = [scores[c] for c in T2I_CATEGORIES if passed[c]]
+    scores["overall"] = sum(present) / len(present) if present else math.nan
+    return scores
+
+
 def geneval_scores(
     images: Sequence[Image.Image | np.ndarray],
     samples: Sequence[T2ISample],
     config: DetectorConfig = DEFAULT_CONFIG,
 ) -> dict[str, float]:
-    """Accuracy per category (keys: the six GenEval categories; NaN for a category without samples) and
-    `overall`, the mean of the categories that have samples."""
-    if len(images) != len(samples):
-        raise ValueError(f"got {len(images)} images for {len(samples)} samples")
-    passed: dict[str, list[bool]] = {c: [] for c in T2I_CATEGORIES}
-    for image, sample in zip(images, samples, strict=True):
-        passed[sample.category].append(score_t2i(image, sample, config))
-    scores = {c: (sum(v) / len(v) if v else math.nan) for c, v in passed.items()}
-    present = [scores[c] for c in T2I_CATEGORIES if passed[c]]
-    scores["overall"] = sum(present) / len(present) if present else math.nan
-    return scores
+    """`scores_from_passes` of the images' strict verdicts."""
+    return scores_from_passes(geneval_passes(images, samples, config), samples)
+
+
+def paired_overall_gap(
+    baseline: Sequence[bool], candidate: Sequence[bool], samples: Sequence[T2ISample]
+) -> dict[str, float]:
+    """`overall` of the candidate minus the baseline's, both scored on the same prompts (and noise), with
+    the standard error of that difference. Why paired: both models fail the same hard prompts, so the
+    per-prompt differences vary far less than either score, and a gap of 0.01 can be told from noise
+    with far fewer prompts than two independent scores would need. The error is that of a mean of
+    per-category means: sqrt(sum_c var_c / n_c) / C, var_c the sample variance of the differences."""
+    if not samples or not len(baseline) == len(candidate) == len(samples):
+        raise ValueError(f"got {len(baseline)} and {len(candidate)} verdicts for {len(samples)} samples")
+    differences = [float(c) - float(b) for b, c in zip(baseline, candidate, strict=True)]
+    present = [v for v in _by_category(differences, samples).values() if v]
+    gap = sum(float(np.mean(v)) for v in present) / len(present)
+    variance = sum(float(np.var(v, ddof=1)) / len(v) if len(v) > 1 else math.nan for v in present)
+    return {
+        "candidate_minus_baseline": gap,
+        "standard_error": math.sqrt(variance) / len(present),
+        "prompts": len(samples),
+    }

@@ -27,7 +27,7 @@ from hyperbagel.backbone.flow import CFGConfig, count_nfe, sampling_schedule
 from hyperbagel.backbone.inference import BagelInferencer, default_t2i_cfg
 from hyperbagel.datamodules.shapes import EDIT_KINDS, VQA_CATEGORIES, EditSample, T2ISample, VQASample
 from hyperbagel.evaluation.editing import edit_scores
-from hyperbagel.evaluation.geneval import geneval_scores
+from hyperbagel.evaluation.geneval import geneval_passes, scores_from_passes
 from hyperbagel.evaluation.understanding import answer_accuracy, normalize_answer
 
 # Tokens allowed past the longest reference answer of a batch: an answer must end (<|im_end|>) within
@@ -63,12 +63,15 @@ class SamplerSettings:
 @dataclass
 class TaskResult:
     """Scores of one task, a finer breakdown (per edit kind / question category), the outputs in
-    sample order (canvas-size images or answer strings) and the seconds spent producing them."""
+    sample order (canvas-size images or answer strings), the seconds spent producing them and, where
+    the task scores each output pass/fail (text-to-image), the verdicts in sample order (for paired
+    comparisons of two models on the same samples)."""
 
     scores: dict[str, float]
     breakdown: dict[str, float]
     outputs: list[Any]
     seconds: float
+    verdicts: list[bool] = field(default_factory=list)
 
 
 def to_canvas(image: Image.Image, size: int) -> Image.Image:
@@ -116,7 +119,8 @@ def evaluate_t2i(
         return [to_canvas(image, canvas) for image in images]
 
     images, seconds = _batched(len(samples), batch_size, run)
-    return TaskResult(geneval_scores(images, samples), {}, images, seconds)
+    verdicts = geneval_passes(images, samples)
+    return TaskResult(scores_from_passes(verdicts, samples), {}, images, seconds, verdicts)
 
 
 def evaluate_edit(
