@@ -18,8 +18,8 @@ taking turns image by image after one warm-up call each, context prefill and VAE
 JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`, `geneval` (per category
 and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
 `seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`, `geneval_gap` (the student's
-`overall` minus the teacher's with its paired standard error: the prompts and noise are shared, so the
-error of the gap is much smaller than that of either score); the samplers and settings used.
+`overall` minus the teacher's with the standard error of that paired difference, which is what a
+"student within x of the teacher" target is judged by); the samplers and settings used.
 A student whose generation keys do not match the teacher's is refused with the keys listed.
 """
 

@@ -253,7 +253,6 @@ def test_paired_gap_is_the_difference_of_overalls_with_the_error_of_a_mean_of_ca
     assert gap["candidate_minus_baseline"] == pytest.approx(expected) == pytest.approx(1 / 3)
     # per-category differences [0, 1, 0] and [1, 0, 0]: sample variance 1/3 each over 3 prompts, 2 categories
     assert gap["standard_error"] == pytest.approx(math.sqrt(2 * (1 / 3) / 3) / 2)
-    assert gap["prompts"] == 6
     assert paired_overall_gap(baseline, baseline, samples)["standard_error"] == 0.0
     with pytest.raises(ValueError, match="verdicts"):
         paired_overall_gap(baseline[:5], candidate, samples)
