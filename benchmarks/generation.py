@@ -277,11 +277,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary[name], t2i_results[name], edit_results[name] = model_report(
             model, args, t2i_samples, edit_samples
         )
-    gap = paired_overall_gap(t2i_results["teacher"].verdicts, t2i_results["student"].verdicts, t2i_samples)
-    summary["geneval_gap"] = {
-        "student_minus_teacher": gap["candidate_minus_baseline"],
-        "standard_error": gap["standard_error"],
-    }
+    gap, error = paired_overall_gap(
+        t2i_results["teacher"].verdicts, t2i_results["student"].verdicts, t2i_samples
+    )
+    summary["geneval_gap"] = {"student_minus_teacher": gap, "standard_error": error}
     for task in ("t2i", "edit"):
         runs = {
             name: timing_runs(model, args, t2i_samples, edit_samples)[task] for name, model in models.items()

@@ -246,14 +246,14 @@ def test_paired_gap_is_the_difference_of_overalls_with_the_error_of_a_mean_of_ca
     samples = t2i["single_object"][:3] + t2i["counting"][:3]
     baseline = [True, False, True, False, False, True]
     candidate = [True, True, True, True, False, True]
-    gap = paired_overall_gap(baseline, candidate, samples)
+    gap, error = paired_overall_gap(baseline, candidate, samples)
     expected = (
         scores_from_passes(candidate, samples)["overall"] - scores_from_passes(baseline, samples)["overall"]
     )
-    assert gap["candidate_minus_baseline"] == pytest.approx(expected) == pytest.approx(1 / 3)
+    assert gap == pytest.approx(expected) == pytest.approx(1 / 3)
     # per-category differences [0, 1, 0] and [1, 0, 0]: sample variance 1/3 each over 3 prompts, 2 categories
-    assert gap["standard_error"] == pytest.approx(math.sqrt(2 * (1 / 3) / 3) / 2)
-    assert paired_overall_gap(baseline, baseline, samples)["standard_error"] == 0.0
+    assert error == pytest.approx(math.sqrt(2 * (1 / 3) / 3) / 2)
+    assert paired_overall_gap(baseline, baseline, samples) == (0.0, 0.0)
     with pytest.raises(ValueError, match="verdicts"):
         paired_overall_gap(baseline[:5], candidate, samples)
 

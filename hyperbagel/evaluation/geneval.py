@@ -98,16 +98,15 @@ def geneval_scores(
 
 def paired_overall_gap(
     baseline: Sequence[bool], candidate: Sequence[bool], samples: Sequence[T2ISample]
-) -> dict[str, float]:
-    """`overall` of the candidate minus the baseline's, both scored on the same prompts (and noise), with
-    the standard error of that difference. Why paired: the per-prompt differences carry the correlation
-    of two models sampled from the same noise (a student often fails where its teacher fails), which two
-    independent errors would miss. The error is that of a mean of per-category means:
-    sqrt(sum_c var_c / n_c) / C, var_c the sample variance of the differences."""
+) -> tuple[float, float]:
+    """(`overall` of the candidate minus the baseline's, its standard error), both models scored on the
+    same prompts (and noise). Why paired: the per-prompt differences carry whatever correlation the two
+    models' verdicts have, which combining two independent errors would ignore. The error is that of a
+    mean of per-category means: sqrt(sum_c var_c / n_c) / C, var_c the sample variance of the differences."""
     if not samples or not len(baseline) == len(candidate) == len(samples):
         raise ValueError(f"got {len(baseline)} and {len(candidate)} verdicts for {len(samples)} samples")
     differences = [float(c) - float(b) for b, c in zip(baseline, candidate, strict=True)]
     present = [v for v in _by_category(differences, samples).values() if v]
     gap = sum(float(np.mean(v)) for v in present) / len(present)
     variance = sum(float(np.var(v, ddof=1)) / len(v) if len(v) > 1 else math.nan for v in present)
-    return {"candidate_minus_baseline": gap, "standard_error": math.sqrt(variance) / len(present)}
+    return gap, math.sqrt(variance) / len(present)
