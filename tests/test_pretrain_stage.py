@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from hyperbagel.backbone import language_model
+from hyperbagel.backbone.checkpoint import save_pretrained
 from hyperbagel.lightning_modules.base import NonFiniteLossError
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 from hyperbagel.lightning_modules.schedules import WarmupCosineLR
@@ -67,6 +69,24 @@ def test_bitsandbytes_8bit_optimizer_and_schedule_from_callables(tmp_path) -> No
     assert optimizer.param_groups[0]["lr"] == pytest.approx(
         1e-3 * WarmupCosineLR.factor(trainer.lr_scheduler_configs[0].scheduler, 4)
     )
+
+
+def test_a_stage_from_a_checkpoint_folder_trains_with_activation_checkpointing(
+    tmp_path, tiny_bagel, shapes_tokenizer, monkeypatch
+) -> None:
+    """`from_pretrained` returns an eval-mode model; the stage must still recompute its decoder layers."""
+    save_pretrained(tiny_bagel, tmp_path / "model", shapes_tokenizer)
+    recomputed = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        recomputed.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(language_model, "checkpoint", counting_checkpoint)
+    stage = PretrainStage(model=str(tmp_path / "model"), gradient_checkpointing=True)
+    _fit(stage, 1, tmp_path)
+    assert len(recomputed) == tiny_bagel.config.llm.num_hidden_layers
+    assert all(module.training for module in stage.model.modules())
 
 
 def test_nothing_trainable_is_refused() -> None:

@@ -48,7 +48,11 @@ class SeparateCopy(nn.Module):
 
     @contextmanager
     def applied(self, model: Bagel) -> Iterator[Bagel]:
-        """The copy itself (it holds the shared frozen weights too); `model` is the student it stands by."""
+        """The copy itself (it holds the shared frozen weights too); `model` is the student it stands by.
+        It runs as the student runs (train mode, activation checkpointing), as a swapped-in copy would."""
+        self.bagel.train(model.training)
+        decoder = model.language_model.model
+        self.bagel.language_model.model.gradient_checkpointing = decoder.gradient_checkpointing
         yield self.bagel
 
 

@@ -165,7 +165,9 @@ class BagelStage(LightningModule, ABC):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_model()
+        # `from_pretrained` hands back an inference model (eval mode), and Lightning keeps each module's mode:
+        # without this, a stage started from a checkpoint folder would never run activation checkpointing.
+        self.model = self.build_model().train()
         self.model.language_model.model.gradient_checkpointing = self.gradient_checkpointing
         self.select_trainable(self.model)
         if (mesh := self.sharding_mesh()) is not None:
