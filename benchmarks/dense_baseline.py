@@ -17,7 +17,7 @@ noisy times, beside the training set's mean image: whether it has learned a layo
 It is the yardstick for the teacher: the same data, scorer, sampler and machine, with none of BAGEL's
 architecture.
 `--space latent` trains it in the demo autoencoder's latent space instead (tokens of `--latent-patch` x
-`--latent-patch` latent pixels).
+`--latent-patch` latent pixels); `--canvas 32` draws the world at 32 px (16 tokens of 8x8 pixels).
 """
 
 from __future__ import annotations
@@ -295,6 +295,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=27.0, help="wall-clock training budget")
     parser.add_argument("--max-steps", type=int, default=10**9, help="stop earlier after this many steps")
     parser.add_argument("--space", choices=("pixel", "latent"), default="pixel")
+    parser.add_argument("--canvas", type=int, default=64, help="the shapes world's image side in pixels")
     parser.add_argument("--autoencoder", help="autoencoder folder (required with --space latent)")
     parser.add_argument("--latent-patch", type=int, default=2, help="latent pixels per token side")
     parser.add_argument("--width", type=int, default=256)
@@ -342,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    world = ShapesWorld()
+    world = ShapesWorld(canvas_size=args.canvas)
     tokenizer = build_shapes_tokenizer()
     autoencoder = load_autoencoder(args.autoencoder) if args.space == "latent" else None
     image_tokens = ImageTokens(autoencoder, args.latent_patch, world.canvas_size)

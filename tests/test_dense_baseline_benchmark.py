@@ -45,6 +45,12 @@ def test_pixel_space_run_trains_samples_and_scores(tmp_path: Path) -> None:
     assert (summary["settings"]["image_tokens"], summary["settings"]["token_dim"]) == (64, 8 * 8 * 3)
 
 
+def test_a_smaller_canvas_gives_fewer_image_tokens(tmp_path: Path) -> None:
+    summary = _run(tmp_path, "--canvas", "32")
+    _check(summary)
+    assert (summary["settings"]["image_tokens"], summary["settings"]["token_dim"]) == (16, 8 * 8 * 3)
+
+
 def test_latent_space_run_uses_the_autoencoder(tmp_path: Path, tiny_bagel: Bagel, shapes_tokenizer) -> None:
     save_pretrained(tiny_bagel, tmp_path / "model", tokenizer=shapes_tokenizer)
     summary = _run(
