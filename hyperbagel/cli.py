@@ -6,6 +6,7 @@ usable from YAML without touching this file.
 
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -19,13 +20,17 @@ class HyperBagelCLI(LightningCLI):
     no ``--optimizer``/``--lr_scheduler`` options. The resolved config is saved beside the logs and
     may be overwritten, so a run repeated into the same directory does not fail at the end of setup.
     Config files go through OmegaConf, so a stage config can interpolate values such as
-    ``${trainer.max_steps}``; ``prog`` keeps usage messages the same under ``python -m hyperbagel``.
+    ``${trainer.max_steps}``, resolved once every config file and argument is in (jsonargparse's
+    ``omegaconf+`` mode; resolved per file, a later ``--trainer.max_steps`` left a schedule's
+    ``total_steps`` at the first file's value); ``prog`` keeps usage messages the same under
+    ``python -m hyperbagel``.
     A bf16 precision on a CPU without native bf16 becomes float32 (see `hyperbagel.cpu_precision`).
     """
 
     def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"prog": "hyperbagel", "parser_mode": "omegaconf"})
+        kwargs.setdefault("parser_kwargs", {"prog": "hyperbagel", "parser_mode": "omegaconf+"})
         super().__init__(
             LightningModule,
             LightningDataModule,

@@ -53,6 +53,24 @@ def test_config_parses(config: Path) -> None:
         assert config.stem in printed["trainer"]["logger"]["init_args"]["name"]
 
 
+@pytest.mark.parametrize("override", ["command line", "overlay config"])
+def test_a_later_max_steps_reaches_the_schedules_interpolated_total(override: str, tmp_path: Path) -> None:
+    """`total_steps: ${trainer.max_steps}` must follow the max_steps the run ends with, not the first file's
+    (resolved per file, a 7000-step run decayed its cosine over the config's 1200 and idled at the floor)."""
+    if override == "command line":
+        args = ["--trainer.max_steps", "7000"]
+    else:
+        overlay = tmp_path / "longer.yaml"
+        overlay.write_text("trainer:\n  max_steps: 7000\n")
+        args = ["--config", str(overlay)]
+    config = ROOT / "shapes" / "distill_cfg.yaml"
+    result = run_hyperbagel("fit", "--config", str(config), *args, "--print_config", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["trainer"]["max_steps"] == 7000
+    assert printed["model"]["init_args"]["lr_scheduler"]["init_args"]["total_steps"] == 7000
+
+
 EXPORT_SETTINGS = ("n_train", "n_val", "vqa_follow_ups", "canvas_size", "world_seed", "row_group_size")
 
 
