@@ -73,6 +73,12 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
     gap = summary["geneval_gap"]
     assert gap["student_minus_teacher"] == pytest.approx(overalls["student"] - overalls["teacher"])
     assert gap["standard_error"] is None  # one prompt a category: no variance to estimate
+    edit_overalls = {name: summary[name]["edit"]["overall"] for name in ("teacher", "student")}
+    edit_gap = summary["edit_gap"]
+    assert edit_gap["student_minus_teacher"] == pytest.approx(
+        edit_overalls["student"] - edit_overalls["teacher"]
+    )
+    assert edit_gap["standard_error"] >= 0.0
     # text-to-image contexts hold text only, so deployment and the plain student draw the same images
     assert summary["student_deployed"]["geneval"] == summary["student"]["geneval"]
     cost = summary["forward_cost"]

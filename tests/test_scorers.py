@@ -15,7 +15,13 @@ from PIL import Image, ImageFilter
 from hyperbagel.datamodules.shapes import EDIT_KINDS, T2I_CATEGORIES, ShapesWorld
 from hyperbagel.datamodules.shapes_scene import COLORS, PALETTE, SHAPES, Scene, ShapeObject, render
 from hyperbagel.evaluation.detector import UNKNOWN_SHAPE, connected_components, detect, segment
-from hyperbagel.evaluation.editing import edit_scores, score_edit
+from hyperbagel.evaluation.editing import (
+    EditScore,
+    edit_scores,
+    paired_edit_gap,
+    score_edit,
+    scores_from_edits,
+)
 from hyperbagel.evaluation.geneval import (
     geneval_scores,
     paired_overall_gap,
@@ -346,6 +352,20 @@ def test_edit_scores_combination(edits):
     assert scores["preservation"] == pytest.approx(np.mean([p.preservation for p in per]))
     with pytest.raises(ValueError, match="canvas"):
         score_edit(Image.new("RGB", (32, 32), "white"), samples[0])
+
+
+def test_paired_edit_gap_is_the_difference_of_overalls_with_the_error_of_the_mean_difference():
+    baseline = [EditScore(True, 0.9), EditScore(False, 1.0), EditScore(True, 1.0)]
+    candidate = [EditScore(True, 0.5), EditScore(True, 1.0), EditScore(True, 1.0)]
+    gap, error = paired_edit_gap(baseline, candidate)
+    assert gap == pytest.approx(
+        scores_from_edits(candidate)["overall"] - scores_from_edits(baseline)["overall"]
+    )
+    # differences -0.4, 1, 0: mean 0.2, sample variance (0.36 + 0.64 + 0.04) / 2 = 0.52, over 3 edits
+    assert gap == pytest.approx(0.2) and error == pytest.approx(math.sqrt(0.52 / 3))
+    assert paired_edit_gap(baseline, baseline) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same edits"):
+        paired_edit_gap(baseline[:2], candidate)
 
 
 # ---- understanding -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ scores its preservation), then averages over samples.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,21 +98,46 @@ def score_edit(
     return EditScore(_instruction_followed(detection, sample, position_tolerance), preservation)
 
 
-def edit_scores(
+def score_edits(
     images: Sequence[Image.Image | np.ndarray],
     samples: Sequence[EditSample],
     config: DetectorConfig = DEFAULT_CONFIG,
-) -> dict[str, float]:
-    """Means over samples: `instruction` (rate), `preservation`, and
-    `overall` = mean(instruction * preservation)."""
+) -> list[EditScore]:
+    """Each image's `EditScore` against its sample, in sample order."""
     if len(images) != len(samples):
         raise ValueError(f"got {len(images)} images for {len(samples)} samples")
-    if not samples:
+    return [score_edit(image, sample, config) for image, sample in zip(images, samples, strict=True)]
+
+
+def scores_from_edits(scores: Sequence[EditScore]) -> dict[str, float]:
+    """Means over samples: `instruction` (rate), `preservation`, and
+    `overall` = mean(instruction * preservation)."""
+    if not scores:
         raise ValueError("no samples to score")
-    scores = [score_edit(image, sample, config) for image, sample in zip(images, samples, strict=True)]
     n = len(scores)
     return {
         "overall": sum(s.overall for s in scores) / n,
         "instruction": sum(s.instruction for s in scores) / n,
         "preservation": sum(s.preservation for s in scores) / n,
     }
+
+
+def edit_scores(
+    images: Sequence[Image.Image | np.ndarray],
+    samples: Sequence[EditSample],
+    config: DetectorConfig = DEFAULT_CONFIG,
+) -> dict[str, float]:
+    """`scores_from_edits` of the images' scores."""
+    return scores_from_edits(score_edits(images, samples, config))
+
+
+def paired_edit_gap(baseline: Sequence[EditScore], candidate: Sequence[EditScore]) -> tuple[float, float]:
+    """(`overall` of the candidate minus the baseline's, its standard error), both models given the same
+    edits (and noise): the error of the mean of the per-edit differences, so whatever correlation the two
+    models' scores have is in it (see `geneval.paired_overall_gap`)."""
+    if len(baseline) != len(candidate) or len(baseline) < 2:
+        raise ValueError(
+            f"need the same edits, at least 2, scored twice; got {len(baseline)} and {len(candidate)}"
+        )
+    differences = np.array([c.overall - b.overall for b, c in zip(baseline, candidate, strict=True)])
+    return float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(len(differences)))

@@ -26,7 +26,7 @@ from torchvision.utils import save_image
 from hyperbagel.backbone.flow import CFGConfig, count_nfe, sampling_schedule
 from hyperbagel.backbone.inference import BagelInferencer, default_t2i_cfg
 from hyperbagel.datamodules.shapes import EDIT_KINDS, VQA_CATEGORIES, EditSample, T2ISample, VQASample
-from hyperbagel.evaluation.editing import edit_scores
+from hyperbagel.evaluation.editing import score_edits, scores_from_edits
 from hyperbagel.evaluation.geneval import geneval_passes, scores_from_passes
 from hyperbagel.evaluation.understanding import answer_accuracy, normalize_answer
 
@@ -64,14 +64,14 @@ class SamplerSettings:
 class TaskResult:
     """Scores of one task, a finer breakdown (per edit kind / question category), the outputs in
     sample order (canvas-size images or answer strings), the seconds spent producing them and, where
-    the task scores each output pass/fail (text-to-image), the verdicts in sample order (for paired
-    comparisons of two models on the same samples)."""
+    the task scores each output on its own, those scores in sample order (text-to-image: pass/fail
+    verdicts; editing: `EditScore`s), for paired comparisons of two models on the same samples."""
 
     scores: dict[str, float]
     breakdown: dict[str, float]
     outputs: list[Any]
     seconds: float
-    verdicts: list[bool] = field(default_factory=list)
+    per_sample: list[Any] = field(default_factory=list)
 
 
 def to_canvas(image: Image.Image, size: int) -> Image.Image:
@@ -147,13 +147,13 @@ def evaluate_edit(
         return [to_canvas(image, canvas) for image in images]
 
     images, seconds = _batched(len(samples), batch_size, run)
+    scores = score_edits(images, samples)
     per_kind = {}
     for kind in EDIT_KINDS:
-        chosen = [i for i, s in enumerate(samples) if s.kind == kind]
+        chosen = [score for score, sample in zip(scores, samples, strict=True) if sample.kind == kind]
         if chosen:
-            subset = edit_scores([images[i] for i in chosen], [samples[i] for i in chosen])
-            per_kind[kind] = subset["overall"]
-    return TaskResult(edit_scores(images, samples), per_kind, images, seconds)
+            per_kind[kind] = scores_from_edits(chosen)["overall"]
+    return TaskResult(scores_from_edits(scores), per_kind, images, seconds, scores)
 
 
 def evaluate_understanding(
