@@ -19,8 +19,8 @@ JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`,
 and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
 `seconds_per_image_edit`; top-level `speedup_t2i` and `speedup_edit`, `geneval_gap` (the student's
 `overall` minus the teacher's with the standard error of that paired difference, which is what a
-"student within x of the teacher" target is judged by) and `edit_gap` (the same for editing `overall`,
-from two edits on); the samplers and settings used.
+"student within x of the teacher" target is judged by) and `edit_gap` (the same for editing `overall`);
+the samplers and settings used.
 A student whose generation keys do not match the teacher's is refused with the keys listed.
 """
 
@@ -283,9 +283,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t2i_results["teacher"].per_sample, t2i_results["student"].per_sample, t2i_samples
     )
     summary["geneval_gap"] = {"student_minus_teacher": gap, "standard_error": error}
-    if len(edit_samples) > 1:
-        gap, error = paired_edit_gap(edit_results["teacher"].per_sample, edit_results["student"].per_sample)
-        summary["edit_gap"] = {"student_minus_teacher": gap, "standard_error": error}
+    gap, error = paired_edit_gap(edit_results["teacher"].per_sample, edit_results["student"].per_sample)
+    summary["edit_gap"] = {"student_minus_teacher": gap, "standard_error": error}
     for task in ("t2i", "edit"):
         runs = {
             name: timing_runs(model, args, t2i_samples, edit_samples)[task] for name, model in models.items()

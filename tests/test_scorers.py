@@ -17,9 +17,9 @@ from hyperbagel.datamodules.shapes_scene import COLORS, PALETTE, SHAPES, Scene, 
 from hyperbagel.evaluation.detector import UNKNOWN_SHAPE, connected_components, detect, segment
 from hyperbagel.evaluation.editing import (
     EditScore,
-    edit_scores,
     paired_edit_gap,
     score_edit,
+    score_edits,
     scores_from_edits,
 )
 from hyperbagel.evaluation.geneval import (
@@ -346,7 +346,7 @@ def test_edit_scores_combination(edits):
     samples = [s for group in edits.values() for s in group[:2]]
     images = [s.target_image if i % 2 == 0 else s.source_image for i, s in enumerate(samples)]
     per = [score_edit(im, s) for im, s in zip(images, samples, strict=True)]
-    scores = edit_scores(images, samples)
+    scores = scores_from_edits(score_edits(images, samples))
     assert scores["instruction"] == 0.5
     assert scores["overall"] == pytest.approx(np.mean([p.instruction * p.preservation for p in per]))
     assert scores["preservation"] == pytest.approx(np.mean([p.preservation for p in per]))
@@ -364,6 +364,8 @@ def test_paired_edit_gap_is_the_difference_of_overalls_with_the_error_of_the_mea
     # differences -0.4, 1, 0: mean 0.2, sample variance (0.36 + 0.64 + 0.04) / 2 = 0.52, over 3 edits
     assert gap == pytest.approx(0.2) and error == pytest.approx(math.sqrt(0.52 / 3))
     assert paired_edit_gap(baseline, baseline) == (0.0, 0.0)
+    gap, error = paired_edit_gap(baseline[:1], candidate[:1])  # one edit: no variance to estimate
+    assert gap == pytest.approx(-0.4) and math.isnan(error)
     with pytest.raises(ValueError, match="same edits"):
         paired_edit_gap(baseline[:2], candidate)
 

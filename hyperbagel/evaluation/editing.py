@@ -14,7 +14,6 @@ scores its preservation), then averages over samples.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from hyperbagel.evaluation.detector import (
     dilate,
     to_rgb_array,
 )
+from hyperbagel.evaluation.paired import mean_with_error
 
 POSITION_TOLERANCE = 0.1  # of the canvas side
 
@@ -122,22 +122,9 @@ def scores_from_edits(scores: Sequence[EditScore]) -> dict[str, float]:
     }
 
 
-def edit_scores(
-    images: Sequence[Image.Image | np.ndarray],
-    samples: Sequence[EditSample],
-    config: DetectorConfig = DEFAULT_CONFIG,
-) -> dict[str, float]:
-    """`scores_from_edits` of the images' scores."""
-    return scores_from_edits(score_edits(images, samples, config))
-
-
 def paired_edit_gap(baseline: Sequence[EditScore], candidate: Sequence[EditScore]) -> tuple[float, float]:
-    """(`overall` of the candidate minus the baseline's, its standard error), both models given the same
-    edits (and noise): the error of the mean of the per-edit differences, so whatever correlation the two
-    models' scores have is in it (see `geneval.paired_overall_gap`)."""
-    if len(baseline) != len(candidate) or len(baseline) < 2:
-        raise ValueError(
-            f"need the same edits, at least 2, scored twice; got {len(baseline)} and {len(candidate)}"
-        )
-    differences = np.array([c.overall - b.overall for b, c in zip(baseline, candidate, strict=True)])
-    return float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(len(differences)))
+    """(`overall` of the candidate minus the baseline's, its standard error; NaN from one edit), both models
+    given the same edits (and noise): the error of the mean of the per-edit differences."""
+    if not baseline or len(baseline) != len(candidate):
+        raise ValueError(f"need the same edits scored twice; got {len(baseline)} and {len(candidate)}")
+    return mean_with_error([c.overall - b.overall for b, c in zip(baseline, candidate, strict=True)])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from hyperbagel.datamodules.shapes import T2I_CATEGORIES, T2ISample
 from hyperbagel.evaluation.detector import DEFAULT_CONFIG, DetectorConfig, detect
+from hyperbagel.evaluation.paired import mean_with_error
 
 POSITION_THRESHOLD = 0.1  # GenEval's: offsets shrink by this fraction of the two boxes' summed sizes
 
@@ -106,7 +107,6 @@ def paired_overall_gap(
     if not samples or not len(baseline) == len(candidate) == len(samples):
         raise ValueError(f"got {len(baseline)} and {len(candidate)} verdicts for {len(samples)} samples")
     differences = [float(c) - float(b) for b, c in zip(baseline, candidate, strict=True)]
-    present = [v for v in _by_category(differences, samples).values() if v]
-    gap = sum(float(np.mean(v)) for v in present) / len(present)
-    variance = sum(float(np.var(v, ddof=1)) / len(v) if len(v) > 1 else math.nan for v in present)
-    return gap, math.sqrt(variance) / len(present)
+    per_category = [mean_with_error(v) for v in _by_category(differences, samples).values() if v]
+    gap = sum(mean for mean, _ in per_category) / len(per_category)
+    return gap, math.sqrt(sum(error**2 for _, error in per_category)) / len(per_category)
