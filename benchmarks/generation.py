@@ -14,6 +14,9 @@ output works: stage 1 at its own steps, stages 2 and 3 at 6. `--deployment` adds
 Speed: `seconds_per_image_*` is the median over `--n-timing` batch-1 prompts / edits per task, the models
 taking turns image by image after one warm-up call each, context prefill and VAE decoding included;
 `speedup_*` is teacher / student. `forward_cost` says where an image's time goes (see `forward_cost`).
+The teacher batches its CFG passes into one forward a step; `--sequential-cfg-teacher` also times it as
+BAGEL's inferencer runs it, one forward per pass (`teacher_sequential_cfg`, the same images, timed in the
+same rotation), and writes `speedup_*_vs_sequential_cfg` beside the batched teacher's `speedup_*`.
 `--dtype bfloat16` runs every model in BAGEL's own inference dtype (exports are stored in float32).
 JSON (also printed): `teacher` and `student` entries with `nfe_t2i`, `nfe_edit`, `geneval` (per category
 and `overall`), `edit` (`overall`, `instruction`, `preservation`), `seconds_per_image_t2i` and
@@ -67,6 +70,7 @@ from hyperbagel.evaluation.suite import (
 )
 
 GRID_COLUMNS = 6  # samples per row of the comparison grid
+TASKS = ("t2i", "edit")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -100,6 +104,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--canvas-size", type=int, default=64)
     parser.add_argument("--tokenizer", help="'shapes' or a tokenizer folder (default: the teacher folder's)")
     parser.add_argument("--deployment", action="store_true", help="also run the teacher-prefill deployment")
+    parser.add_argument(
+        "--sequential-cfg-teacher",
+        action="store_true",
+        help="also time the teacher with one forward per CFG pass, as BAGEL's inferencer runs it",
+    )
     parser.add_argument(
         "--dtype", choices=sorted(EXPORT_DTYPES), help="cast every model to this dtype (default: as stored)"
     )
@@ -285,14 +294,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["geneval_gap"] = {"student_minus_teacher": gap, "standard_error": error}
     gap, error = paired_edit_gap(edit_results["teacher"].per_sample, edit_results["student"].per_sample)
     summary["edit_gap"] = {"student_minus_teacher": gap, "standard_error": error}
-    for task in ("t2i", "edit"):
+    timed = dict(models)
+    if args.sequential_cfg_teacher:  # timing only: its images are the batched teacher's (tested)
+        sequential = BagelInferencer(teacher, tokenizer, sequential_cfg=True)
+        timed["teacher_sequential_cfg"] = models["teacher"]._replace(inferencer=sequential)
+        summary["teacher_sequential_cfg"] = {
+            f"nfe_{task}": summary["teacher"][f"nfe_{task}"] for task in TASKS
+        }
+    for task in TASKS:
         runs = {
-            name: timing_runs(model, args, t2i_samples, edit_samples)[task] for name, model in models.items()
+            name: timing_runs(model, args, t2i_samples, edit_samples)[task] for name, model in timed.items()
         }
         for name, seconds in interleaved_seconds(runs, args.n_timing).items():
             summary[name][f"seconds_per_image_{task}"] = seconds
         key = f"seconds_per_image_{task}"
         summary[f"speedup_{task}"] = summary["teacher"][key] / summary["student"][key]
+        if args.sequential_cfg_teacher:
+            summary[f"speedup_{task}_vs_sequential_cfg"] = (
+                summary["teacher_sequential_cfg"][key] / summary["student"][key]
+            )
     summary["forward_cost"] = forward_cost(teacher, tokenizer, t2i_samples[0].prompt, args.n_timing)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,13 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
     save_pretrained(tiny_bagel, tmp_path / "teacher", tokenizer=shapes_tokenizer)
     save_pretrained(_distilled(tiny_bagel), tmp_path / "student", tokenizer=shapes_tokenizer)
     summary = _run(
-        tmp_path, tmp_path / "teacher", tmp_path / "student", "--student-steps", "2", "--deployment"
+        tmp_path,
+        tmp_path / "teacher",
+        tmp_path / "student",
+        "--student-steps",
+        "2",
+        "--deployment",
+        "--sequential-cfg-teacher",
     )
     for name in ("teacher", "student", "student_deployed"):
         entry = summary[name]
@@ -68,6 +74,11 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
     for task in ("t2i", "edit"):
         key = f"seconds_per_image_{task}"
         assert summary[f"speedup_{task}"] == pytest.approx(summary["teacher"][key] / summary["student"][key])
+        sequential = summary["teacher_sequential_cfg"]  # timed only, with the teacher's passes
+        assert sequential[f"nfe_{task}"] == summary["teacher"][f"nfe_{task}"] and sequential[key] > 0
+        assert summary[f"speedup_{task}_vs_sequential_cfg"] == pytest.approx(
+            sequential[key] / summary["student"][key]
+        )
     assert summary["settings"]["dtype"] == "float32"  # as stored
     overalls = {name: summary[name]["geneval"]["overall"] for name in ("teacher", "student")}
     gap = summary["geneval_gap"]

@@ -72,7 +72,8 @@ def _separate_velocity(model, contexts, grid, x, t):
     return out
 
 
-def test_stacked_cfg_contexts_match_separate_passes(tiny_bagel) -> None:
+@pytest.mark.parametrize("sequential_cfg", [False, True], ids=["batched", "sequential"])
+def test_stacked_cfg_contexts_match_separate_passes(tiny_bagel, sequential_cfg: bool) -> None:
     cfg_model = tiny_bagel.config
     source = _picture("red")
     image_blocks = [VaeImage(pixels=vae_input(source, cfg_model)), VitImage(vit_input(source, cfg_model))]
@@ -82,7 +83,9 @@ def test_stacked_cfg_contexts_match_separate_passes(tiny_bagel) -> None:
     t = torch.tensor(0.8)
     guidance = CFGConfig(text_scale=4.0, img_scale=2.0, interval=(0.4, 1.0), renorm_type="text_channel")
     with torch.no_grad():
-        contexts = build_image_contexts(tiny_bagel, [image_blocks + [text]], [image_blocks], [[text]], grid)
+        contexts = build_image_contexts(
+            tiny_bagel, [image_blocks + [text]], [image_blocks], [[text]], grid, sequential_cfg
+        )
         committed = list(contexts.cache.lengths)
         guided = contexts.velocity(x, t, guidance)
         v_cond, v_no_text, v_no_img = _separate_velocity(
@@ -130,6 +133,60 @@ def test_model_evaluations_match_the_nfe_count(tiny_bagel, shapes_tokenizer) -> 
     handle.remove()
     assert sum(calls) == count_nfe(sampling_schedule(8, 3.0), guidance)
     assert set(calls) == {1, 3}
+
+
+def test_sequential_cfg_runs_one_row_per_forward_and_draws_the_same_images(
+    tiny_bagel, shapes_tokenizer
+) -> None:
+    """BAGEL's inferencer runs each CFG pass as its own forward: as many forwards as the NFE count, one
+    row each, and the images of the batched passes."""
+    guidance = CFGConfig(text_scale=4.0, img_scale=2.0, interval=(0.4, 1.0), renorm_type="text_channel")
+    images = {}
+    for sequential in (False, True):
+        inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer, sequential_cfg=sequential)
+        calls = []
+        handle = tiny_bagel.llm2vae.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] // 16))
+        images[sequential] = inferencer.edit(
+            [_picture("red"), _picture("blue")],
+            ["make the square blue", "remove the square"],
+            num_timesteps=8,
+            cfg=guidance,
+            seed=[1, 2],
+        )
+        handle.remove()
+    assert set(calls) == {2}  # each forward holds one context of both samples
+    assert len(calls) == count_nfe(sampling_schedule(8, 3.0), guidance)
+    for batched, sequential in zip(images[False], images[True], strict=True):
+        difference = torch.tensor(list(batched.getdata())) - torch.tensor(list(sequential.getdata()))
+        assert difference.abs().max() <= 1  # a rounding step of the 8-bit pixels at most
+
+
+def test_per_sample_guidance_is_the_same_with_sequential_passes(tiny_bagel) -> None:
+    """Distillation targets guide each sample at its own time and scales; sequential passes agree."""
+    source = _picture("red")
+    cfg_model = tiny_bagel.config
+    image_blocks = [VaeImage(pixels=vae_input(source, cfg_model)), VitImage(vit_input(source, cfg_model))]
+    texts = [TextBlock([30, 31, 32]), TextBlock([34, 35])]
+    grid = (4, 4)
+    x = initial_noise(tiny_bagel, 2, grid, seed=4)
+    times = torch.tensor([0.9, 0.3])
+    settings = [
+        CFGConfig(text_scale=3.0, img_scale=1.5, interval=(0.4, 1.0), renorm_type="text_channel"),
+        CFGConfig(text_scale=2.0, img_scale=1.0, interval=(0.0, 1.0), renorm_type="global"),
+    ]
+    velocities = []
+    with torch.no_grad():
+        for sequential in (False, True):
+            contexts = build_image_contexts(
+                tiny_bagel,
+                [image_blocks + [text] for text in texts],
+                [image_blocks] * 2,
+                [[text] for text in texts],
+                grid,
+                sequential,
+            )
+            velocities.append(contexts.velocity(x, times, settings))
+    torch.testing.assert_close(velocities[0], velocities[1], atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_model_runs_every_path(tiny_bagel, shapes_tokenizer) -> None:

@@ -4,6 +4,8 @@ Everything works on batches. A context is a KV cache with one row per sample, pr
 blocks in one forward (VAE block then ViT block per input image, as BAGEL builds it). Image generation
 stacks the three CFG contexts of every prompt as rows of ONE cache, [conditional | no text | no image],
 so each sampling step is a single batched forward; outside the CFG interval only the conditional rows run.
+`sequential_cfg` runs the passes one after another instead, as BAGEL's own inferencer does (a forward per
+pass: less activation memory, and the cost per pass that BAGEL's NFE counts assume).
 The pieces (`prefill`, `ImageContexts.velocity`, `sample_latent_tokens`) are public because the
 distillation stages drive the same sampler with their own step grids, guidance and callbacks.
 
@@ -145,15 +147,22 @@ class ImageContexts:
     grid: tuple[int, int]
     has_text_uncond: bool
     has_img_uncond: bool
+    sequential_cfg: bool = False
 
     def __post_init__(self) -> None:
-        h, w = self.grid
-        patch = self.model.config.latent_patch_size
-        placeholder = VaeImage(latents=torch.zeros(1, h * patch, w * patch), noisy=True)
-        self._packs = {
-            rows: pack([[[placeholder]]] * rows, self.model.config, rope_start=self.cache.rope_cursor[:rows])
-            for rows in {self.batch_size, self.cache.batch_size}
-        }
+        self._packs: dict[tuple[int, int], PackedSequence] = {}
+
+    def _pack(self, first_row: int, rows: int) -> PackedSequence:
+        """The noisy-block pack querying cache rows [first_row, first_row + rows), built once."""
+        if (first_row, rows) not in self._packs:
+            h, w = self.grid
+            patch = self.model.config.latent_patch_size
+            placeholder = VaeImage(latents=torch.zeros(1, h * patch, w * patch), noisy=True)
+            rope_start = self.cache.rope_cursor[first_row : first_row + rows]
+            self._packs[first_row, rows] = pack(
+                [[[placeholder]]] * rows, self.model.config, rope_start=rope_start
+            )
+        return self._packs[first_row, rows]
 
     @property
     def num_tokens(self) -> int:
@@ -185,14 +194,17 @@ class ImageContexts:
         rows: int,
         text_scales: PerSample = None,
         img_scales: PerSample = None,
+        first_row: int = 0,
     ) -> torch.Tensor:
-        """Velocity [rows, N, D] of one pass of tokens x [rows, N, D] against the first `rows` rows.
+        """Velocity [rows, N, D] of one pass of tokens x [rows, N, D] against cache rows [first_row,
+        first_row + rows) (by default the first `rows`).
 
         t is one time or one per row; a guidance-distilled model also takes its guidance scales (scalars or
         one per row). Without scales the pass is unguided (the conditional or an unconditional branch).
         """
-        cache = self.cache if rows == self.cache.batch_size else self.cache.narrow(0, rows)
-        packed = self._packs[rows]
+        whole = first_row == 0 and rows == self.cache.batch_size
+        cache = self.cache if whole else self.cache.narrow(first_row, rows)
+        packed = self._pack(first_row, rows)
         scales = {}
         if text_scales is not None or img_scales is not None:
             scales = {
@@ -222,10 +234,18 @@ class ImageContexts:
             if not use_text:
                 return self.raw_velocity(x, t, self.batch_size)
             use_img = self.has_img_uncond and cfg.needs_img_uncond(t)
-            copies = 3 if use_img else 2
-            v = self.raw_velocity(x.repeat(copies, 1, 1), t, copies * self.batch_size).chunk(copies)
+            v = self._cfg_passes(x, t, 3 if use_img else 2)
             return cfg_combine(v[0], v[1], v[2] if use_img else None, cfg, t)
         return self._per_sample_velocity(x, t, cfg)
+
+    def _cfg_passes(self, x: torch.Tensor, t: torch.Tensor, copies: int) -> tuple[torch.Tensor, ...]:
+        """Unguided velocities of x [B, N, D] against the first `copies` contexts (conditional, no text,
+        no image): one batched forward, or one forward per context with `sequential_cfg`."""
+        batch = self.batch_size
+        if self.sequential_cfg:
+            return tuple(self.raw_velocity(x, t, batch, first_row=k * batch) for k in range(copies))
+        times = t.repeat(copies) if torch.as_tensor(t).ndim else t
+        return self.raw_velocity(x.repeat(copies, 1, 1), times, copies * batch).chunk(copies)
 
     def _per_sample(self, t: torch.Tensor, cfg: Guidance) -> tuple[torch.Tensor, list[CFGConfig]]:
         """t as [B] float32 and cfg as B settings."""
@@ -252,8 +272,7 @@ class ImageContexts:
             text and self.has_img_uncond and c.needs_img_uncond(ti)
             for text, c, ti in zip(use_text, cfgs, times)
         ]
-        copies = 3 if any(use_img) else 2
-        v = self.raw_velocity(x.repeat(copies, 1, 1), times.repeat(copies), copies * batch).chunk(copies)
+        v = self._cfg_passes(x, times, 3 if any(use_img) else 2)
         guided = []
         for i, (c, ti) in enumerate(zip(cfgs, times)):
             one = [part[i : i + 1] for part in v]
@@ -279,8 +298,10 @@ def build_image_contexts(
     no_text: Sequence[Sample] | None,
     no_image: Sequence[Sample] | None,
     grid: tuple[int, int],
+    sequential_cfg: bool = False,
 ) -> ImageContexts:
-    """Prefill [conditional | no_text | no_image] contexts (the unconditional ones only when given)."""
+    """Prefill [conditional | no_text | no_image] contexts (the unconditional ones only when given);
+    `sequential_cfg` queries them one forward per context instead of one batched forward."""
     rows = list(conditional) + list(no_text or []) + list(no_image or [])
     return ImageContexts(
         model=model,
@@ -289,6 +310,7 @@ def build_image_contexts(
         grid=grid,
         has_text_uncond=no_text is not None,
         has_img_uncond=no_image is not None,
+        sequential_cfg=sequential_cfg,
     )
 
 
@@ -357,11 +379,18 @@ def default_edit_cfg() -> CFGConfig:
 
 
 class BagelInferencer:
-    """Batched chat, text-to-image and editing over a `Bagel` and its tokenizer (PIL in, PIL / str out)."""
+    """Batched chat, text-to-image and editing over a `Bagel` and its tokenizer (PIL in, PIL / str out).
 
-    def __init__(self, model: Bagel, tokenizer: PreTrainedTokenizerBase) -> None:
+    `sequential_cfg` runs each CFG pass as its own forward, as BAGEL's inferencer does, instead of one
+    batched forward per step (same images; less memory, more time where a forward is overhead-bound).
+    """
+
+    def __init__(
+        self, model: Bagel, tokenizer: PreTrainedTokenizerBase, sequential_cfg: bool = False
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.sequential_cfg = sequential_cfg
 
     @property
     def config(self) -> BagelConfig:
@@ -413,7 +442,8 @@ class BagelInferencer:
         grid = self._grid(height or self.config.vae_max_image_size, width or self.config.vae_max_image_size)
         conditional, no_text = t2i_context_samples([self.encode(p) for p in prompts])
         with_cfg = cfg.text_scale > 1.0 and not self.model.has_guidance_embedders
-        contexts = build_image_contexts(self.model, conditional, no_text if with_cfg else None, None, grid)
+        no_text = no_text if with_cfg else None
+        contexts = build_image_contexts(self.model, conditional, no_text, None, grid, self.sequential_cfg)
         return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
 
     def edit(
@@ -439,7 +469,7 @@ class BagelInferencer:
         text_cfg = cfg.text_scale > 1.0 and not self.model.has_guidance_embedders
         no_text = no_text if text_cfg else None
         no_image = no_image if text_cfg and cfg.img_scale > 1.0 else None
-        contexts = build_image_contexts(self.model, conditional, no_text, no_image, grid)
+        contexts = build_image_contexts(self.model, conditional, no_text, no_image, grid, self.sequential_cfg)
         return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
