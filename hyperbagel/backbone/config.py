@@ -243,8 +243,9 @@ def shapes_coarse_config() -> BagelConfig:
     """The shapes preset with 4x4 latent patches: 16 latent tokens a 64 px image instead of 64 (image stride
     16, as BAGEL's). Text-to-image packs then hold about 49 images instead of 17 (0.66 s a step vs 0.49,
     measured); a text-to-image-only teacher on it reached GenEval 0.258 (single object 0.95) in 30 CPU
-    minutes (README, "Where the teacher stands"). Not the demo's default: the 58-minute mixed-task teacher
-    on it scored the same as on `shapes` (GenEval 0.05, edits 0.05, short answers 0.46)."""
+    minutes (README, "Where the teacher stands"). The demo teacher's preset (configs/shapes/teacher_t2i.yaml
+    and the two phases after it); mixing the three tasks from the first step, it scored no better than
+    `shapes` (GenEval 0.05, edits 0.05, short answers 0.46 after 58 minutes)."""
     config = shapes_config()
     config.latent_patch_size = 4
     config.max_latent_size = 4
