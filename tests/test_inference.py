@@ -138,26 +138,26 @@ def test_model_evaluations_match_the_nfe_count(tiny_bagel, shapes_tokenizer) -> 
 def test_sequential_cfg_runs_one_row_per_forward_and_draws_the_same_images(
     tiny_bagel, shapes_tokenizer
 ) -> None:
-    """BAGEL's inferencer runs each CFG pass as its own forward: as many forwards as the NFE count, one
-    row each, and the images of the batched passes."""
+    """BAGEL's inferencer runs each CFG pass as its own forward: as many forwards as the NFE count, each
+    holding one context of every sample, and the images of the batched passes."""
     guidance = CFGConfig(text_scale=4.0, img_scale=2.0, interval=(0.4, 1.0), renorm_type="text_channel")
-    images = {}
-    for sequential in (False, True):
-        inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer, sequential_cfg=sequential)
-        calls = []
-        handle = tiny_bagel.llm2vae.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] // 16))
-        images[sequential] = inferencer.edit(
-            [_picture("red"), _picture("blue")],
-            ["make the square blue", "remove the square"],
-            num_timesteps=8,
-            cfg=guidance,
-            seed=[1, 2],
-        )
-        handle.remove()
-    assert set(calls) == {2}  # each forward holds one context of both samples
+    images = [_picture("red"), _picture("blue")]
+    edit = {
+        "instructions": ["make the square blue", "remove the square"],
+        "num_timesteps": 8,
+        "cfg": guidance,
+    }
+    batched = BagelInferencer(tiny_bagel, shapes_tokenizer).edit(images, seed=[1, 2], **edit)
+    calls = []
+    handle = tiny_bagel.llm2vae.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] // 16))
+    sequential = BagelInferencer(tiny_bagel, shapes_tokenizer, sequential_cfg=True).edit(
+        images, seed=[1, 2], **edit
+    )
+    handle.remove()
+    assert set(calls) == {2}  # two samples, one context each
     assert len(calls) == count_nfe(sampling_schedule(8, 3.0), guidance)
-    for batched, sequential in zip(images[False], images[True], strict=True):
-        difference = torch.tensor(list(batched.getdata())) - torch.tensor(list(sequential.getdata()))
+    for one, other in zip(batched, sequential, strict=True):
+        difference = torch.tensor(list(one.getdata())) - torch.tensor(list(other.getdata()))
         assert difference.abs().max() <= 1  # a rounding step of the 8-bit pixels at most
 
 
