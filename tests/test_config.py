@@ -45,3 +45,5 @@ def test_coarse_shapes_preset_differs_only_in_its_latent_patches() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(KeyError, match="bagel-7b-mot"):
         preset("bagel-70b")
+    with pytest.raises(KeyError, match="nor an existing checkpoint folder"):  # a missing earlier export
+        preset("outputs/shapes/teacher_edit")

@@ -261,9 +261,12 @@ PRESETS = {
 
 
 def preset(name: str, **kwargs: Any) -> BagelConfig:
-    """Build a named preset; unknown names list the known ones."""
+    """Build a named preset; unknown names list the known ones (callers that also take a checkpoint
+    folder get here with a folder that does not exist, e.g. an earlier stage's export not yet written)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        raise KeyError(
+            f"{name!r} is neither a known preset {sorted(PRESETS)} nor an existing checkpoint folder"
+        )
     return PRESETS[name](**kwargs)
 
 
