@@ -135,7 +135,7 @@ def test_model_evaluations_match_the_nfe_count(tiny_bagel, shapes_tokenizer) -> 
     assert set(calls) == {1, 3}
 
 
-def test_sequential_cfg_runs_one_row_per_forward_and_draws_the_same_images(
+def test_sequential_cfg_runs_one_context_per_forward_and_draws_the_same_images(
     tiny_bagel, shapes_tokenizer
 ) -> None:
     """BAGEL's inferencer runs each CFG pass as its own forward: as many forwards as the NFE count, each
