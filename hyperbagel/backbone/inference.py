@@ -5,7 +5,7 @@ blocks in one forward (VAE block then ViT block per input image, as BAGEL builds
 stacks the three CFG contexts of every prompt as rows of ONE cache, [conditional | no text | no image],
 so each sampling step is a single batched forward; outside the CFG interval only the conditional rows run.
 `sequential_cfg` runs the passes one after another instead, as BAGEL's own inferencer does (a forward per
-pass: less activation memory, and the cost per pass that BAGEL's NFE counts assume).
+pass, each holding one context's rows: the cost per pass that BAGEL's NFE counts assume).
 The pieces (`prefill`, `ImageContexts.velocity`, `sample_latent_tokens`) are public because the
 distillation stages drive the same sampler with their own step grids, guidance and callbacks.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import torch
@@ -148,9 +148,7 @@ class ImageContexts:
     has_text_uncond: bool
     has_img_uncond: bool
     sequential_cfg: bool = False
-
-    def __post_init__(self) -> None:
-        self._packs: dict[tuple[int, int], PackedSequence] = {}
+    _packs: dict[tuple[int, int], PackedSequence] = field(default_factory=dict, init=False, repr=False)
 
     def _pack(self, first_row: int, rows: int) -> PackedSequence:
         """The noisy-block pack querying cache rows [first_row, first_row + rows), built once."""
@@ -382,7 +380,8 @@ class BagelInferencer:
     """Batched chat, text-to-image and editing over a `Bagel` and its tokenizer (PIL in, PIL / str out).
 
     `sequential_cfg` runs each CFG pass as its own forward, as BAGEL's inferencer does, instead of one
-    batched forward per step (same images; less memory, more time where a forward is overhead-bound).
+    batched forward per step (same images; each forward holds a third or half of the rows, and the steps
+    take longer where a forward's cost is mostly fixed per call, as on a CPU at demo size).
     """
 
     def __init__(
