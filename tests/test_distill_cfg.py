@@ -189,6 +189,19 @@ def test_scales_are_drawn_per_sample_in_their_ranges(teacher_dir) -> None:
         CFGDistillStage(model="tiny", text_scale_range=(0.5, 2.0))
 
 
+def test_task_weights_scale_each_tasks_loss_and_leave_the_mse_logs(teacher_dir, data) -> None:
+    plain, weighted = _stage(teacher_dir), _stage(teacher_dir, task_weights={"t2i": 3.0})
+    assert weighted.task_weights == {"t2i": 3.0, "edit": 1.0}
+    for kind, factor in (("t2i", 3.0), ("edit", 1.0)):
+        batch = _batch(data, kind)
+        base, scaled = plain.compute_losses(batch, "val"), weighted.compute_losses(batch, "val")
+        torch.testing.assert_close(scaled["loss"], factor * base["loss"])
+        torch.testing.assert_close(scaled[f"mse_{kind}"], base[f"mse_{kind}"])
+    for bad in ({"t2i": 0.0}, {"vqa": 1.0}):
+        with pytest.raises(ValueError, match="task_weights must map tasks"):
+            CFGDistillStage(model="tiny", task_weights=bad)
+
+
 def test_only_the_generation_side_and_guidance_embedders_train(teacher_dir) -> None:
     stage = _stage(teacher_dir)
     names = {name.removeprefix("model.") for name, _ in stage.trainable_named_parameters()}
