@@ -63,7 +63,7 @@ def test_a_later_max_steps_reaches_the_schedules_interpolated_total(override: st
         overlay = tmp_path / "longer.yaml"
         overlay.write_text("trainer:\n  max_steps: 7000\n")
         args = ["--config", str(overlay)]
-    config = ROOT / "shapes" / "distill_cfg.yaml"
+    config = ROOT / "shapes" / "distill_tscd.yaml"
     result = run_hyperbagel("fit", "--config", str(config), *args, "--print_config", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)
