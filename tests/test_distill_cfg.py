@@ -19,7 +19,13 @@ from hyperbagel.backbone.packing import TextBlock, VaeImage
 from hyperbagel.datamodules.generation_datamodule import GenerationDataModule, ParquetGenerationDataModule
 from hyperbagel.datamodules.shapes import ShapesWorld
 from hyperbagel.datamodules.shapes_export import export_shapes_world
-from hyperbagel.distillation.batches import GenerationBatch, edit_item, t2i_item
+from hyperbagel.distillation.batches import (
+    GenerationBatch,
+    edit_item,
+    t2i_item,
+    task_loss_weights,
+    task_weighted_mean,
+)
 from hyperbagel.distillation.generation_weights import is_generation_key
 from hyperbagel.lightning_modules.distill_cfg import CFGDistillStage
 
@@ -200,6 +206,12 @@ def test_task_weights_scale_each_tasks_loss_and_leave_the_mse_logs(teacher_dir, 
     for bad in ({"t2i": 0.0}, {"vqa": 1.0}):
         with pytest.raises(ValueError, match="task_weights must map tasks"):
             CFGDistillStage(model="tiny", task_weights=bad)
+
+
+def test_task_weighted_mean_scales_each_sample_by_its_task() -> None:
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    weighted = task_weighted_mean(losses, ["t2i", "edit", "t2i"], task_loss_weights({"t2i": 0.5}))
+    assert float(weighted) == pytest.approx((0.5 + 2.0 + 2.0) / 3)
 
 
 def test_only_the_generation_side_and_guidance_embedders_train(teacher_dir) -> None:

@@ -113,6 +113,9 @@ def test_consistency_losses_by_hand() -> None:
     assert float(consistency_loss(prediction, target, "huber", huber_delta=0.1)) == pytest.approx(huber)
     with pytest.raises(ValueError, match="consistency loss"):
         consistency_loss(prediction, target, "l1")
+    rows = torch.stack([prediction, prediction + 1.0]), torch.stack([target, target])
+    per_sample = consistency_loss(*rows, "mse", per_sample=True)
+    assert per_sample.tolist() == pytest.approx([(0.05**2 + 1.0) / 2, (0.95**2 + 0.0) / 2])
 
 
 def test_linear_ramp() -> None:
@@ -234,6 +237,22 @@ def test_rollout_tscd_trains_without_clean_latents(
     assert changed and all(is_generation_key(name) for name in changed)
     assert 0 <= trainer.callback_metrics["train/generator/segment"] < stage.sample_steps
     assert trainer.callback_metrics["train/generator/consistency"] > 0
+
+
+def test_task_weights_scale_the_consistency_term(tmp_path: Path, stage1_dir: Path) -> None:
+    """With every task weighted 2, the consistency term is twice the (unweighted) MSE of the same jump."""
+    seed_everything(0)
+    stage = DistillTSCDStage(
+        model=str(stage1_dir),
+        start="rollout",
+        consistency_loss="mse",
+        task_weights={"t2i": 2.0, "edit": 2.0},
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+    trainer = _trainer(tmp_path, 1, [])
+    trainer.fit(stage, _data())
+    consistency, mse = (trainer.callback_metrics[f"train/generator/{k}"] for k in ("consistency", "target_mse"))
+    torch.testing.assert_close(consistency, 2 * mse)
 
 
 def test_tscd_fits_through_the_cli_and_exports_a_loadable_student(tmp_path: Path, stage1_dir: Path) -> None:

@@ -9,7 +9,7 @@ prefills clean latents) and queried by every model of the stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,6 +27,24 @@ from hyperbagel.backbone.inference import (
 from hyperbagel.backbone.packing import Sample, VaeImage
 
 TASKS: tuple[str, ...] = ("t2i", "edit")
+
+
+def task_loss_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Each task's loss weight, 1 where not given. Batches hold one task, so a task whose targets are
+    harder to hit (an edit's, guided by text and image) would otherwise dominate the shared weights."""
+    chosen = {task: 1.0 for task in TASKS} | dict(weights or {})
+    unknown = sorted(set(chosen) - set(TASKS))
+    if unknown or any(not w > 0 for w in chosen.values()):
+        raise ValueError(f"task_weights must map tasks of {TASKS} to positive numbers, got {weights}")
+    return {task: float(w) for task, w in chosen.items()}
+
+
+def task_weighted_mean(
+    per_sample: torch.Tensor, kinds: Sequence[str], weights: Mapping[str, float]
+) -> torch.Tensor:
+    """Mean of per-sample losses [B], each scaled by its task's weight (weights of 1: the plain mean)."""
+    scale = torch.tensor([weights[kind] for kind in kinds], device=per_sample.device, dtype=per_sample.dtype)
+    return (scale * per_sample).mean()
 
 
 @dataclass

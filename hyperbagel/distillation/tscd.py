@@ -109,15 +109,22 @@ def consistency_target(
 
 
 def consistency_loss(
-    prediction: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 0.1
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    huber_delta: float = 0.1,
+    per_sample: bool = False,
 ) -> torch.Tensor:
-    """Mean squared error or Huber loss (quadratic below `huber_delta`, linear above), in float32."""
+    """Mean squared error or Huber loss (quadratic below `huber_delta`, linear above), in float32; with
+    `per_sample`, one mean per sample [B] (for task weights)."""
     if kind not in CONSISTENCY_LOSSES:
         raise ValueError(f"consistency loss must be one of {CONSISTENCY_LOSSES}, got {kind!r}")
     prediction, target = prediction.float(), target.float()
     if kind == "mse":
-        return F.mse_loss(prediction, target)
-    return F.huber_loss(prediction, target, delta=huber_delta)
+        elementwise = F.mse_loss(prediction, target, reduction="none")
+    else:
+        elementwise = F.huber_loss(prediction, target, reduction="none", delta=huber_delta)
+    return elementwise.flatten(1).mean(dim=1) if per_sample else elementwise.mean()
 
 
 @dataclass

@@ -41,7 +41,7 @@ from hyperbagel.backbone.flow import (
 )
 from hyperbagel.backbone.inference import ImageContexts, initial_noise, sample_latent_tokens
 from hyperbagel.backbone.sharding import is_sharded, shard_bagel
-from hyperbagel.distillation.batches import TASKS, GenerationBatch
+from hyperbagel.distillation.batches import GenerationBatch, task_loss_weights, task_weighted_mean
 from hyperbagel.distillation.generation_weights import (
     GENERATION_PATTERNS,
     GenerationWeights,
@@ -63,14 +63,6 @@ class DistillationTargets:
     times: torch.Tensor
     cfgs: list[CFGConfig]
     velocity: torch.Tensor
-
-
-def _task_weights(weights: dict[str, float] | None) -> dict[str, float]:
-    chosen = {task: 1.0 for task in TASKS} | dict(weights or {})
-    unknown = sorted(set(chosen) - set(TASKS))
-    if unknown or any(not w > 0 for w in chosen.values()):
-        raise ValueError(f"task_weights must map tasks of {TASKS} to positive numbers, got {weights}")
-    return {task: float(w) for task, w in chosen.items()}
 
 
 def _scale_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
@@ -95,9 +87,8 @@ class CFGDistillStage(BagelStage):
             scale only for edits; text-to-image uses 1).
         timestep_shift: shift of the logit-normal training times (the paper requires >= 3).
         t2i_interval / edit_interval, t2i_renorm / edit_renorm, renorm_min: the teacher's CFG settings.
-        task_weights: loss weight of each task's samples (default 1 each). Batches hold one task, and an
-            edit's guided target (up to 5 x 2.5 guidance) misses by ~6x the text-to-image MSE, so at equal
-            weights the edits' gradients dominate the shared generation weights.
+        task_weights: loss weight of each task's samples (default 1 each; an edit's guided target, up to
+            5 x 2.5 guidance, misses by ~6x the text-to-image MSE on the shapes teacher).
         val_seed: fixes validation draws so validation losses are comparable.
         grid_examples / grid_timesteps: teacher-vs-student samples from the same noise logged to
             TensorBoard after each validation (0 examples disables).
@@ -150,7 +141,7 @@ class CFGDistillStage(BagelStage):
             "t2i": CFGConfig(interval=tuple(t2i_interval), renorm_type=t2i_renorm, renorm_min=renorm_min),
             "edit": CFGConfig(interval=tuple(edit_interval), renorm_type=edit_renorm, renorm_min=renorm_min),
         }
-        self.task_weights = _task_weights(task_weights)
+        self.task_weights = task_loss_weights(task_weights)
         self.val_seed = val_seed
         self.grid_examples = grid_examples
         self.grid_timesteps = grid_timesteps
@@ -253,8 +244,7 @@ class CFGDistillStage(BagelStage):
         targets = self.teacher_targets(batch, generator)
         prediction = targets.contexts.velocity(targets.x_t, targets.times, targets.cfgs)
         per_sample = (prediction.float() - targets.velocity.float()).pow(2).mean(dim=(1, 2))
-        weights = torch.tensor([self.task_weights[kind] for kind in batch.kinds], device=per_sample.device)
-        losses = {"loss": (weights * per_sample).mean()}
+        losses = {"loss": task_weighted_mean(per_sample, batch.kinds, self.task_weights)}
         kinds = batch.is_edit.to(per_sample.device)
         for kind, mask in (("t2i", ~kinds), ("edit", kinds)):
             if bool(mask.any()):

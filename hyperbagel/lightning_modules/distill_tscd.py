@@ -30,7 +30,7 @@ from hyperbagel.backbone.flow import CFGConfig, add_noise
 from hyperbagel.backbone.inference import ImageContexts, sample_latent_tokens
 from hyperbagel.callbacks.discriminator import find_discriminator
 from hyperbagel.callbacks.ema import require_ema
-from hyperbagel.distillation.batches import GenerationBatch
+from hyperbagel.distillation.batches import GenerationBatch, task_loss_weights, task_weighted_mean
 from hyperbagel.distillation.tscd import (
     CONSISTENCY_LOSSES,
     LinearRamp,
@@ -63,6 +63,8 @@ class DistillTSCDStage(GenerationDistillStage):
         consistency_loss: None (the paper), "mse" or "huber" on jump vs target.
         consistency_weight: weight schedule of the consistency term.
         huber_delta: Huber threshold.
+        task_weights: weight of each task's samples in the consistency term (default 1 each), as in
+            stage 1: edits' jumps miss their targets by more, and would otherwise dominate.
         **kwargs: `GenerationDistillStage` arguments (model, teacher, guidance, sampling grid, ...).
     """
 
@@ -77,6 +79,7 @@ class DistillTSCDStage(GenerationDistillStage):
         consistency_loss: str | None = None,
         consistency_weight: LinearRamp | None = None,
         huber_delta: float = 0.1,
+        task_weights: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -99,6 +102,7 @@ class DistillTSCDStage(GenerationDistillStage):
         self.consistency_kind = consistency_loss
         self.consistency_weight = consistency_weight or LinearRamp(1.0 if consistency_loss else 0.0)
         self.huber_delta = huber_delta
+        self.task_weights = task_loss_weights(task_weights)
 
     def segments_for(self, edges: list[float] | None) -> Segments:
         """The configured segments; under rollout starts, the student's sampling grid (its float32 times)."""
@@ -180,7 +184,8 @@ class DistillTSCDStage(GenerationDistillStage):
             losses["adversarial"] = critic.generator_loss(jump, edge, contexts)
             total = total + self.adversarial_weight(step) * losses["adversarial"]
         if self.consistency_kind is not None:
-            losses["consistency"] = consistency_loss(jump, target, self.consistency_kind, self.huber_delta)
+            misses = consistency_loss(jump, target, self.consistency_kind, self.huber_delta, per_sample=True)
+            losses["consistency"] = task_weighted_mean(misses, batch.kinds, self.task_weights)
             total = total + self.consistency_weight(step) * losses["consistency"]
         losses["target_mse"] = F.mse_loss(jump.detach().float(), target.float())
         losses["segment"] = torch.tensor(float(index))
