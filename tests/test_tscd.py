@@ -251,7 +251,8 @@ def test_task_weights_scale_the_consistency_term(tmp_path: Path, stage1_dir: Pat
     )
     trainer = _trainer(tmp_path, 1, [])
     trainer.fit(stage, _data())
-    consistency, mse = (trainer.callback_metrics[f"train/generator/{k}"] for k in ("consistency", "target_mse"))
+    metrics = trainer.callback_metrics
+    consistency, mse = metrics["train/generator/consistency"], metrics["train/generator/target_mse"]
     torch.testing.assert_close(consistency, 2 * mse)
 
 
