@@ -30,8 +30,8 @@ TASKS: tuple[str, ...] = ("t2i", "edit")
 
 
 def task_loss_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
-    """Each task's loss weight, 1 where not given. Batches hold one task, so a task whose targets are
-    harder to hit (an edit's, guided by text and image) would otherwise dominate the shared weights."""
+    """Each task's loss weight, 1 where not given. Tasks share the generation weights but not the size of
+    their losses (an edit's target, guided by text and image, is missed by more): weights rebalance them."""
     chosen = {task: 1.0 for task in TASKS} | dict(weights or {})
     unknown = sorted(set(chosen) - set(TASKS))
     if unknown or any(not w > 0 for w in chosen.values()):

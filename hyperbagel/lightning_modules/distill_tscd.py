@@ -63,8 +63,8 @@ class DistillTSCDStage(GenerationDistillStage):
         consistency_loss: None (the paper), "mse" or "huber" on jump vs target.
         consistency_weight: weight schedule of the consistency term.
         huber_delta: Huber threshold.
-        task_weights: weight of each task's samples in the consistency term (default 1 each), as in
-            stage 1: edits' jumps miss their targets by more, and would otherwise dominate.
+        task_weights: weight of each task's samples in the consistency term (default 1 each; see
+            `CFGDistillStage`).
         **kwargs: `GenerationDistillStage` arguments (model, teacher, guidance, sampling grid, ...).
     """
 
