@@ -12,6 +12,13 @@ what reading the image is worth; equal accuracies mean the model answers from th
 alone, which is where the teachers so far stand (README, "Where the teacher stands").
 Variants: `trainable_vit` trains every parameter as the teacher does; `frozen_vit` keeps the pretrained
 vision encoder fixed (`frozen: [vit_model.*]`).
+`--reading-steps N` first trains each fresh model N steps on the same questions asked about each scene's
+written description instead of its image (text only, the exporter's `vqa_text` rows), a stand-in for the
+pretrained language model BAGEL starts from, then `--steps` on the image rows as above (with the text rows
+mixed in at `--reading-weight` against the image rows' 1, if set); the curve's steps count the image phase
+only, and `reading_final_loss` is the text phase's. Every evaluation also scores `accuracy_reading`: the same
+test questions asked about the scene's description with no image, i.e. whether the language model can look
+an answer up at all.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.datamodules.shapes import ShapesWorld, VQASample
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
 from hyperbagel.datamodules.shapes_scene import Scene
+from hyperbagel.datamodules.shapes_text import describe_scene
 from hyperbagel.evaluation.suite import evaluate_understanding
+from hyperbagel.evaluation.understanding import normalize_answer
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +63,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=100, help="test questions scored at each evaluation")
     parser.add_argument("--follow-ups", type=int, default=3, help="extra questions per training row")
     parser.add_argument("--steps", type=int, default=900, help="training steps per variant")
+    parser.add_argument(
+        "--reading-steps", type=int, default=0, help="text-only steps on described scenes first"
+    )
+    parser.add_argument(
+        "--reading-weight", type=float, default=0.0, help="weight of the text rows among the image rows"
+    )
     parser.add_argument("--eval-every", type=int, default=300, help="steps between evaluations")
     parser.add_argument("--tokens", type=int, default=1200, help="expected tokens per pack")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -61,8 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
-    if min(args.n, args.steps, args.eval_every, args.n_train) < 1:
-        parser.error("--n, --n-train, --steps and --eval-every must be >= 1")
+    at_least_one = (args.n, args.steps, args.eval_every, args.n_train)
+    if min(at_least_one) < 1 or min(args.reading_steps, args.reading_weight) < 0:
+        parser.error("--n, --n-train, --steps, --eval-every must be >= 1, --reading-* >= 0")
     return args
 
 
@@ -79,17 +95,25 @@ def score(stage: PretrainStage, questions: list[VQASample]) -> dict[str, Any]:
     with_image = evaluate_understanding(inferencer, questions)
     blanks = [replace(q, scene=Scene((), q.scene.canvas_size)) for q in questions]
     blank = evaluate_understanding(inferencer, blanks)
+    described = [f"{describe_scene(q.scene)}\n{q.question}" for q in questions]
+    longest = max(len(inferencer.encode(q.answer)) for q in questions)
+    read = inferencer.chat(described, max_new_tokens=longest + 2)
+    reading = [normalize_answer(a) == normalize_answer(q.answer) for a, q in zip(read, questions)]
     stage.model.train()
     return {
         "accuracy_with_image": with_image.scores["short_answer_accuracy"],
         "accuracy_blank_image": blank.scores["short_answer_accuracy"],
+        "accuracy_reading": sum(reading) / len(reading),
         "per_category_with_image": with_image.breakdown,
         "answers": with_image.outputs[:8],
     }
 
 
-def probe(variant: str, args: argparse.Namespace, data: ShapesDataModule) -> dict[str, Any]:
-    """Train a fresh model on understanding rows, scoring it every `eval_every` steps."""
+def probe(
+    variant: str, args: argparse.Namespace, data: ShapesDataModule, reading: ShapesDataModule
+) -> dict[str, Any]:
+    """Train a fresh model on understanding rows (after `reading_steps` on text rows), scoring it every
+    `eval_every` steps."""
     torch.manual_seed(args.seed)
     stage = PretrainStage(
         model=args.preset,
@@ -105,18 +129,27 @@ def probe(variant: str, args: argparse.Namespace, data: ShapesDataModule) -> dic
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, **score(stage, questions)})
 
+    run: dict[str, Any] = {"variant": variant}
+    if args.reading_steps:
+        run["reading_final_loss"] = tail_mean(train(stage, reading, args.reading_steps, args.lr, args.bf16))
     losses = train(stage, data, args.steps, args.lr, args.bf16, after_step=evaluate)
+    return {**run, "curve": curve, "final_train_loss": tail_mean(losses)}
+
+
+def tail_mean(losses: list[float]) -> float:
+    """Mean of the last (up to) 50 losses."""
     tail = losses[-min(50, len(losses)) :]
-    return {"variant": variant, "curve": curve, "final_train_loss": sum(tail) / len(tail)}
+    return sum(tail) / len(tail)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mix = {"t2i_weight": 0.0, "edit_weight": 0.0, "vqa_weight": 1.0, "vqa_follow_ups": args.follow_ups}
-    data = probe_data(args, args.n_train, **mix)
-    return summarise([probe(variant, args, data) for variant in args.variants], args)
+    mix = {"t2i_weight": 0.0, "edit_weight": 0.0, "vqa_follow_ups": args.follow_ups}
+    data = probe_data(args, args.n_train, vqa_weight=1.0, text_vqa_weight=args.reading_weight, **mix)
+    reading = probe_data(args, args.n_train, vqa_weight=0.0, text_vqa_weight=1.0, **mix)
+    return summarise([probe(variant, args, data, reading) for variant in args.variants], args)
 
 
 if __name__ == "__main__":

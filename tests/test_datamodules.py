@@ -633,3 +633,9 @@ def test_shapes_datamodule_exports_once_and_reads_through_the_readers(tmp_path):
     assert sorted(g for p in val for g in p.groups) == ["editing"] * 2 + ["t2i"] * 2 + ["vqa"] * 2
     only_gen = ShapesDataModule(**kwargs, vqa_weight=0.0)
     assert [g.name for g in only_gen.groups] == ["t2i", "editing"]
+    reading_mix = {"t2i_weight": 0.0, "edit_weight": 0.0, "vqa_weight": 0.0, "text_vqa_weight": 1.0}
+    reading = ShapesDataModule(**kwargs, **reading_mix, max_tokens_per_sample=300)
+    assert [g.name for g in reading.groups] == ["vqa_text"]
+    packs = consume(reading, 2)
+    assert {g for p in packs for g in p.groups} == {"vqa_text"} and not reading.bad_rows
+    assert all(not p.packed.vit_images and not p.packed.vae_images and len(p.packed.ce_labels) for p in packs)

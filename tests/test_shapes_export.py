@@ -11,6 +11,7 @@ from PIL import Image
 from hyperbagel.datamodules.shapes import ShapesWorld
 from hyperbagel.datamodules.shapes_export import export_shapes_world, main
 from hyperbagel.datamodules.shapes_scene import Scene
+from hyperbagel.datamodules.shapes_text import describe_scene
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -105,6 +106,20 @@ def test_vqa_jsonl(exported):
     assert len(ids) == 7
 
 
+def test_text_vqa_jsonl_asks_the_image_rows_questions_about_the_description(exported):
+    out, info = exported
+    entry = info["text_sft"]["shapes_val"]
+    assert entry["jsonl_path"] == str(out / "vqa_text" / "val.jsonl") and entry["num_total_samples"] == 7
+    image_rows = [json.loads(line) for line in open(info["vlm_sft"]["shapes_val"]["jsonl_path"])]
+    text_rows = [json.loads(line) for line in open(entry["jsonl_path"])]
+    expected = ShapesWorld(canvas_size=32, seed=2).samples("vqa", "val", 7)
+    for text_row, image_row, sample in zip(text_rows, image_rows, expected, strict=True):
+        assert "image" not in text_row and text_row["id"] == image_row["id"]
+        first, *rest = text_row["conversations"]
+        assert first == {"from": "human", "value": f"{describe_scene(sample.scene)}\n{sample.question}"}
+        assert rest == image_row["conversations"][1:]  # same answer, same follow-up turns
+
+
 def test_dataset_info_merges_splits_and_cli(exported, capsys):
     out, _ = exported
     main(
@@ -124,7 +139,7 @@ def test_dataset_info_merges_splits_and_cli(exported, capsys):
         ]
     )
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == {"t2i_pretrain", "vlm_sft"}
+    assert set(printed) == {"t2i_pretrain", "vlm_sft", "text_sft"}
     info = json.loads((out / "dataset_info.json").read_text())
     assert set(info["t2i_pretrain"]) == {"shapes_val", "shapes_test"}
     assert set(info["unified_edit"]) == {"shapes_val"}

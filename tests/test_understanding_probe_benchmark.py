@@ -23,7 +23,7 @@ def test_probe_scores_each_variant_with_and_without_the_image(tmp_path: Path) ->
     for run in summary["runs"]:
         assert [point["step"] for point in run["curve"]] == [2, 3]  # every 2 steps and the last
         for point in run["curve"]:
-            for key in ("accuracy_with_image", "accuracy_blank_image"):
+            for key in ("accuracy_with_image", "accuracy_blank_image", "accuracy_reading"):
                 assert 0.0 <= point[key] <= 1.0
             assert set(point["per_category_with_image"]) <= {"color", "count", "shape", "position"}
         assert math.isfinite(run["final_train_loss"]) and run["final_train_loss"] > 0.0
@@ -52,5 +52,25 @@ def test_frozen_variant_leaves_the_vision_encoder_untouched(tmp_path: Path) -> N
 
     probe.train = spy
     data = probe.probe_data(args, 8, t2i_weight=0.0, edit_weight=0.0, vqa_weight=1.0, vqa_follow_ups=1)
-    probe.probe("frozen_vit", args, data)
+    probe.probe("frozen_vit", args, data, data)
     assert trained == {"vit_changed": False, "llm_trains": True}
+
+
+def test_reading_steps_train_on_described_scenes_before_the_images(tmp_path: Path) -> None:
+    probe = load_benchmark("understanding_probe")
+    argv = ["--out", str(tmp_path / "x.json"), "--preset", "tiny", "--data-root", str(tmp_path / "data")]
+    argv += ["--n-train", "8", "--n", "2", "--follow-ups", "1", "--steps", "2", "--eval-every", "5"]
+    argv += ["--tokens", "400", "--reading-steps", "3", "--reading-weight", "0.5"]
+    phases = []
+    original_train = probe.train
+
+    def spy(stage, data, steps, *rest, **kwargs):
+        phases.append(([(g.name, g.weight) for g in data.groups], steps))
+        return original_train(stage, data, steps, *rest, **kwargs)
+
+    probe.train = spy
+    summary = probe.main(argv)
+    assert phases == [([("vqa_text", 1.0)], 3), ([("vqa", 1.0), ("vqa_text", 0.5)], 2)]
+    (run,) = summary["runs"]
+    assert math.isfinite(run["reading_final_loss"]) and run["reading_final_loss"] > 0.0
+    assert [point["step"] for point in run["curve"]] == [2]

@@ -15,6 +15,7 @@ from hyperbagel.datamodules.packed_dataset import DataGroup
 from hyperbagel.datamodules.shapes_export import export_shapes_world
 
 SETTINGS_FILE = "export_settings.json"
+EXPORT_LAYOUT = 2  # version of what the exporter writes: data roots exported by an older one are re-exported
 
 
 def shapes_groups(root: Path, split: str, weights: dict[str, float]) -> list[DataGroup]:
@@ -38,6 +39,7 @@ def shapes_groups(root: Path, split: str, weights: dict[str, float]) -> list[Dat
             paths=[str(root / "vqa" / f"{split}.jsonl")],
             image_root=str(root / "vqa" / "images"),
         ),
+        "vqa_text": DataGroup(kind="vlm", name="vqa_text", paths=[str(root / "vqa_text" / f"{split}.jsonl")]),
     }
     groups = []
     for name, group in candidates.items():
@@ -45,7 +47,7 @@ def shapes_groups(root: Path, split: str, weights: dict[str, float]) -> list[Dat
             group.weight = weights[name]
             groups.append(group)
     if not groups:
-        raise ValueError("at least one of t2i_weight, edit_weight and vqa_weight must be > 0")
+        raise ValueError("at least one of the weights (t2i, edit, vqa, text_vqa) must be > 0")
     return groups
 
 
@@ -61,6 +63,8 @@ class ShapesDataModule(InterleavedDataModule):
         canvas_size / world_seed: the world's image size and seed.
         row_group_size: parquet row-group size (the unit of sharding across ranks and workers).
         t2i_weight / edit_weight / vqa_weight: sampling weights of the three groups (0 leaves one out).
+        text_vqa_weight: sampling weight of the same questions asked about the scene's written description
+            instead of its image (text only; 0, the default, leaves them out).
         Every other argument is `InterleavedDataModule`'s.
     """
 
@@ -77,6 +81,7 @@ class ShapesDataModule(InterleavedDataModule):
         t2i_weight: float = 1.0,
         edit_weight: float = 1.0,
         vqa_weight: float = 1.0,
+        text_vqa_weight: float = 0.0,
         tokenizer: str = "shapes",
         expected_tokens: int = 32768,
         max_tokens: int = 36864,
@@ -100,10 +105,11 @@ class ShapesDataModule(InterleavedDataModule):
                 "canvas_size": canvas_size,
                 "seed": world_seed,
                 "row_group_size": row_group_size,
+                "layout": EXPORT_LAYOUT,
             }
             for split, n in (("train", n_train), ("val", n_val))
         }
-        weights = {"t2i": t2i_weight, "editing": edit_weight, "vqa": vqa_weight}
+        weights = {"t2i": t2i_weight, "editing": edit_weight, "vqa": vqa_weight, "vqa_text": text_vqa_weight}
         super().__init__(
             groups=shapes_groups(self.data_root, "train", weights),
             tokenizer=tokenizer,

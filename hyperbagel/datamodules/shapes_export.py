@@ -15,6 +15,10 @@ Layout written under `out_dir` for one split (several splits can share an `out_d
   ``{"id", "image": "<split>/000000.png" (relative to vqa/images), "conversations": [{"from": "human",
   "value": "<image>\\n<question>"}, {"from": "gpt", "value": <answer>}, ...], "category", "scene"}``: the
   sample's question first, then `vqa_follow_ups` further short-answer turns about the same image.
+- ``vqa_text/<split>.jsonl``: the same questions about the same scenes with the image replaced by the
+  scene's written description (``"<description>\\n<question>"``, no ``image`` field): reading comprehension
+  for a language model trained from scratch, standing in for the pretrained language model BAGEL starts
+  from (README, "Where the teacher stands").
 - ``dataset_info.json``: entries shaped like BAGEL's ``DATASET_INFO`` (group -> dataset name -> ``data_dir``,
   ``num_files``, ``num_total_samples``, ``parquet_info_path`` / ``jsonl_path``), merged across calls.
 """
@@ -31,6 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from hyperbagel.datamodules.shapes import SPLITS, ShapesWorld
+from hyperbagel.datamodules.shapes_text import describe_scene
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -57,6 +62,15 @@ def _write_parquet_dir(
     info_path.parent.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(index, indent=1))
     return n_files
+
+
+def _conversation(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """LLaVA turns: each (question, answer) as a human turn then a gpt turn."""
+    return [
+        {"from": speaker, "value": value}
+        for question, answer in turns
+        for speaker, value in (("human", question), ("gpt", answer))
+    ]
 
 
 def export_shapes_world(
@@ -130,27 +144,23 @@ def export_shapes_world(
         image_root = out / "vqa" / "images"
         (image_root / split).mkdir(parents=True, exist_ok=True)
         jsonl_path = out / "vqa" / f"{split}.jsonl"
-        with jsonl_path.open("w") as f:
+        text_path = out / "vqa_text" / f"{split}.jsonl"
+        text_path.parent.mkdir(parents=True, exist_ok=True)
+        with jsonl_path.open("w") as f, text_path.open("w") as text_f:
             for i, s in enumerate(samples):
                 relative = f"{split}/{i:06d}.png"
                 s.image.save(image_root / relative, format="PNG")
                 follow_ups = world.follow_up_questions(s.scene, vqa_follow_ups, key=f"{split}|{i}")
-                turns = [(f"<image>\n{s.question}", s.answer), *follow_ups]
-                row = {
-                    "id": f"{name}_{i:06d}",
-                    "image": relative,
-                    "conversations": [
-                        {"from": speaker, "value": value}
-                        for question, answer in turns
-                        for speaker, value in (("human", question), ("gpt", answer))
-                    ],
-                    "category": s.category,
-                    "scene": s.scene.to_json(),
-                }
-                f.write(json.dumps(row) + "\n")
+                row = {"id": f"{name}_{i:06d}", "category": s.category, "scene": s.scene.to_json()}
+                described = f"{describe_scene(s.scene)}\n{s.question}"
+                image_turns = _conversation([(f"<image>\n{s.question}", s.answer), *follow_ups])
+                text_turns = _conversation([(described, s.answer), *follow_ups])
+                f.write(json.dumps({**row, "image": relative, "conversations": image_turns}) + "\n")
+                text_f.write(json.dumps({**row, "conversations": text_turns}) + "\n")
         info["vlm_sft"] = {
             name: {"data_dir": str(image_root), "jsonl_path": str(jsonl_path), "num_total_samples": n_vqa}
         }
+        info["text_sft"] = {name: {"jsonl_path": str(text_path), "num_total_samples": n_vqa}}
     index_path = out / "dataset_info.json"
     merged = json.loads(index_path.read_text()) if index_path.exists() else {}
     for group, entries in info.items():
