@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -624,6 +625,13 @@ def test_shapes_datamodule_exports_once_and_reads_through_the_readers(tmp_path):
     stamp = part.stat().st_mtime_ns
     ShapesDataModule(**kwargs).prepare_data()
     assert part.stat().st_mtime_ns == stamp  # not exported again
+    # A root an older exporter wrote (no layout version, no reading rows) is exported again.
+    older = {split: {k: v for k, v in done.items() if k != "layout"} for split, done in settings.items()}
+    (tmp_path / "shapes" / SETTINGS_FILE).write_text(json.dumps(older))
+    shutil.rmtree(tmp_path / "shapes" / "vqa_text")
+    ShapesDataModule(**kwargs).prepare_data()
+    assert (tmp_path / "shapes" / "vqa_text" / "train.jsonl").is_file()
+    assert json.loads((tmp_path / "shapes" / SETTINGS_FILE).read_text()) == settings
     packs = consume(module, 6)
     assert {g for p in packs for g in p.groups} == {"t2i", "editing", "vqa"}
     assert not module.bad_rows
