@@ -126,3 +126,20 @@ def test_suite_scores_exact_answers_as_perfect(half_size: bool) -> None:
     assert vqa.scores == {"short_answer_accuracy": 1.0, "describe_exact": 1.0}
     assert vqa.breakdown == dict.fromkeys(VQA_CATEGORIES, 1.0)
     assert set(edit.breakdown) == set(EDIT_KINDS)
+
+
+def test_understanding_without_images_asks_each_question_alone() -> None:
+    """`show_image=False` (questions whose text describes the scene) passes no image to the model."""
+    samples = ShapesWorld(64, 0).samples("vqa", "test", 6)
+    seen: list[list[Image.Image]] = []
+
+    class TextOnly:
+        def encode(self, text: str) -> list[int]:
+            return list(range(len(text.split())))
+
+        def chat(self, prompts: list[str], images: list[list[Image.Image]], max_new_tokens: int) -> list[str]:
+            seen.extend(images)
+            return [next(s.answer for s in samples if s.question == p) for p in prompts]
+
+    result = evaluate_understanding(TextOnly(), samples, batch_size=4, show_image=False)
+    assert seen == [[]] * 6 and result.scores["short_answer_accuracy"] == 1.0

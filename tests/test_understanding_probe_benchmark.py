@@ -52,7 +52,7 @@ def test_frozen_variant_leaves_the_vision_encoder_untouched(tmp_path: Path) -> N
 
     probe.train = spy
     data = probe.probe_data(args, 8, t2i_weight=0.0, edit_weight=0.0, vqa_weight=1.0, vqa_follow_ups=1)
-    probe.probe("frozen_vit", args, data, data)
+    probe.probe("frozen_vit", args, data)
     assert trained == {"vit_changed": False, "llm_trains": True}
 
 

@@ -160,10 +160,12 @@ def evaluate_understanding(
     inferencer: BagelInferencer,
     samples: Sequence[VQASample],
     batch_size: int = 16,
+    show_image: bool = True,
 ) -> TaskResult:
     """Exact-match answer accuracy (`short_answer_accuracy`, `describe_exact`) and per question category,
     greedy decoding. Questions run in batches of similar answer length (long descriptions do not hold
-    short answers back), each capped at its longest reference plus `ANSWER_MARGIN` tokens."""
+    short answers back), each capped at its longest reference plus `ANSWER_MARGIN` tokens. With
+    `show_image` False each question is asked alone (one whose text already describes the scene)."""
     _require_samples(samples, "understanding")
     lengths = [len(inferencer.encode(s.answer)) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: lengths[i])
@@ -172,7 +174,7 @@ def evaluate_understanding(
         chosen = order[part]
         return inferencer.chat(
             [samples[i].question for i in chosen],
-            [[samples[i].image] for i in chosen],
+            [[samples[i].image] if show_image else [] for i in chosen],
             max_new_tokens=max(lengths[i] for i in chosen) + ANSWER_MARGIN,
         )
 
