@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from hyperbagel.backbone.autoencoder import BagelAutoencoder
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import from_pretrained, save_pretrained
-from hyperbagel.backbone.flow import sampling_schedule
-from hyperbagel.backbone.inference import sample_latent_tokens
+from hyperbagel.backbone.flow import CFGConfig, sampling_schedule
+from hyperbagel.backbone.inference import ImageContexts, sample_latent_tokens
 from hyperbagel.callbacks.discriminator import AdversarialDiscriminator, TokenDiscriminator
 from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
 from hyperbagel.distillation.batches import GenerationBatch
@@ -190,20 +190,27 @@ def test_rollout_segments_are_the_students_sampling_grid(stage1_dir: Path) -> No
         DistillTSCDStage(model=str(stage1_dir), start="data")
 
 
+def _rollout_inputs(stage: DistillTSCDStage) -> tuple[ImageContexts, list[CFGConfig], torch.Tensor]:
+    """A training batch's contexts and guidance under `stage`, and seeded noise for its trajectories."""
+    data = _data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    contexts, guidance = stage.prefill(batch), stage.guidance(batch)
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(
+        (len(batch), contexts.num_tokens, stage.model.config.latent_token_dim), generator=generator
+    )
+    return contexts, guidance, noise
+
+
 def test_rollout_start_is_the_students_own_sampler_state(stage1_dir: Path) -> None:
     """The jump starts where the student's few-step sampler (the one used at inference) is after `index`
     steps from the drawn noise."""
     stage = DistillTSCDStage(model=str(stage1_dir), start="rollout", sample_steps=3)
     stage.configure_model()
-    data = _data()
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    contexts, guidance = stage.prefill(batch), stage.guidance(batch)
-    stage.batch_generator = torch.Generator().manual_seed(5)
-    noise = stage.randn((len(batch), contexts.num_tokens, stage.model.config.latent_token_dim))
+    contexts, guidance, noise = _rollout_inputs(stage)
     for index in range(3):
-        stage.batch_generator = torch.Generator().manual_seed(5)
-        state = stage.rollout_state(contexts, guidance, index)
+        state = stage.rollout_state(contexts, guidance, noise, index)
         expected = noise
         if index:
             grid = stage.sampling_timesteps()[: index + 1]
@@ -212,8 +219,44 @@ def test_rollout_start_is_the_students_own_sampler_state(stage1_dir: Path) -> No
         assert index == 0 or not torch.equal(state, noise)
 
 
+def test_noise_anchored_target_is_the_teachers_trajectory_from_the_same_noise(stage1_dir: Path) -> None:
+    """With the teacher integrating one Euler step a segment and the student equal to its teacher, the
+    target of segment `index` is exactly the student's own sampler state one step later (a perfect student
+    has nothing to learn); with more teacher steps it is the teacher's sample on the subdivided grid."""
+    stage = DistillTSCDStage(
+        model=str(stage1_dir), start="rollout", rollout_target="noise", teacher_span=1.0, teacher_steps=1
+    )
+    stage.configure_model()
+    contexts, guidance, noise = _rollout_inputs(stage)
+    for index in range(stage.segments.num_segments):
+        target = stage.teacher_trajectory(contexts, guidance, noise, index)
+        if index + 1 < stage.segments.num_segments:
+            torch.testing.assert_close(target, stage.rollout_state(contexts, guidance, noise, index + 1))
+        else:
+            torch.testing.assert_close(
+                target, sample_latent_tokens(contexts, noise, stage.sampling_timesteps(), guidance)
+            )
+    stage.teacher_steps = 3
+    edges = stage.segments.edges
+    fine = torch.cat([torch.linspace(edges[0], edges[1], 4)[:-1], torch.linspace(edges[1], edges[2], 4)])
+    torch.testing.assert_close(
+        stage.teacher_trajectory(contexts, guidance, noise, 1),
+        sample_latent_tokens(contexts, noise, fine, guidance),
+    )
+
+
+def test_noise_anchored_target_needs_rollout_starts_and_the_whole_segment(stage1_dir: Path) -> None:
+    with pytest.raises(ValueError, match="rollout_target must be one of"):
+        DistillTSCDStage(model=str(stage1_dir), start="rollout", rollout_target="data", teacher_span=1.0)
+    with pytest.raises(ValueError, match="needs start='rollout' and teacher_span=1.0"):
+        DistillTSCDStage(model=str(stage1_dir), rollout_target="noise", teacher_span=1.0)
+    with pytest.raises(ValueError, match="needs start='rollout' and teacher_span=1.0"):
+        DistillTSCDStage(model=str(stage1_dir), start="rollout", rollout_target="noise", teacher_span=0.5)
+
+
+@pytest.mark.parametrize("rollout_target", ["state", "noise"])
 def test_rollout_tscd_trains_without_clean_latents(
-    tmp_path: Path, stage1_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stage1_dir: Path, monkeypatch: pytest.MonkeyPatch, rollout_target: str
 ) -> None:
     def refuse(*_: object) -> None:
         raise AssertionError("a rollout start must not encode the clean target")
@@ -224,6 +267,7 @@ def test_rollout_tscd_trains_without_clean_latents(
         model=str(stage1_dir),
         teacher=str(stage1_dir),
         start="rollout",
+        rollout_target=rollout_target,
         teacher_span=1.0,
         teacher_steps=2,
         consistency_loss="mse",

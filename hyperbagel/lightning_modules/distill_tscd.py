@@ -16,6 +16,12 @@ trains a policy on the states it visits): an error of an early step is then seen
 later steps' training instead of only at sampling time. With the teacher integrating the whole segment
 (`teacher_span=1.0`), a student that fits its targets exactly samples the teacher's own ODE solution,
 segment by segment. No clean latent is used in that mode (the prompts are the data).
+
+What a rollout jump aims at is a choice too. `rollout_target="state"` continues the teacher's ODE from the
+state the student reached, so an early error is carried on, not undone. `rollout_target="noise"` aims at
+the teacher's own trajectory from the same initial noise (integrated from that noise to the jump's lower
+edge): the expert's corrective action of DAgger, which steers the student back onto the teacher's path
+and fits, step by step, the few-step sample to the teacher's sample from the same noise.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hyperbagel.backbone.flow import CFGConfig, add_noise
+from hyperbagel.backbone.flow import CFGConfig, add_noise, euler_sample
 from hyperbagel.backbone.inference import ImageContexts, sample_latent_tokens
 from hyperbagel.callbacks.discriminator import find_discriminator
 from hyperbagel.callbacks.ema import require_ema
@@ -43,6 +49,7 @@ from hyperbagel.lightning_modules.manual import GenerationDistillStage
 
 TARGETS = ("student", "ema")
 STARTS = ("noised", "rollout")
+ROLLOUT_TARGETS = ("state", "noise")
 
 
 class DistillTSCDStage(GenerationDistillStage):
@@ -56,7 +63,10 @@ class DistillTSCDStage(GenerationDistillStage):
             "rollout" (the student's own no-grad sampler state at a random step of its grid).
         teacher_span: the teacher integrates this fraction of the remaining segment, from t toward the
             lower edge (1.0: the whole way, no target-student jump).
-        teacher_steps: Euler steps of the teacher over that span.
+        teacher_steps: Euler steps of the teacher over that span (per segment, from the noise, under
+            `rollout_target="noise"`).
+        rollout_target: under rollout starts, "state" (the teacher's ODE from the student's state) or
+            "noise" (the teacher's ODE from the same initial noise); see the module docstring.
         target: "student" (the current student without gradients) or "ema" (the EMA callback's average)
             completes the target to the edge.
         adversarial_weight: weight schedule of the adversarial term (needs the discriminator callback).
@@ -75,6 +85,7 @@ class DistillTSCDStage(GenerationDistillStage):
         teacher_steps: int = 1,
         target: str = "student",
         start: str = "noised",
+        rollout_target: str = "state",
         adversarial_weight: LinearRamp | None = None,
         consistency_loss: str | None = None,
         consistency_weight: LinearRamp | None = None,
@@ -93,7 +104,16 @@ class DistillTSCDStage(GenerationDistillStage):
             )
         if start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        if rollout_target not in ROLLOUT_TARGETS:
+            raise ValueError(f"rollout_target must be one of {ROLLOUT_TARGETS}, got {rollout_target!r}")
+        if rollout_target == "noise" and (start != "rollout" or teacher_span != 1.0):
+            raise ValueError(
+                "rollout_target='noise' aims at the teacher's trajectory from the rollout's own noise: "
+                f"it needs start='rollout' and teacher_span=1.0, got start={start!r}, "
+                f"teacher_span={teacher_span}"
+            )
         self.start = start
+        self.rollout_target = rollout_target
         self.segments = self.segments_for(segments)
         self.teacher_span = teacher_span
         self.teacher_steps = teacher_steps
@@ -136,36 +156,60 @@ class DistillTSCDStage(GenerationDistillStage):
         return nullcontext()
 
     @torch.no_grad()
-    def rollout_state(self, contexts: ImageContexts, guidance: list[CFGConfig], index: int) -> torch.Tensor:
-        """The state the student's sampler reaches at grid time `edges[index]` from fresh noise, run with
-        the weights that complete targets (the student without gradients, or its EMA)."""
-        noise = self.fresh_noise(contexts)
+    def rollout_state(
+        self, contexts: ImageContexts, guidance: list[CFGConfig], noise: torch.Tensor, index: int
+    ) -> torch.Tensor:
+        """The state the student's sampler reaches at grid time `edges[index]` from `noise`, run with the
+        weights that complete targets (the student without gradients, or its EMA)."""
         if index == 0:
             return noise
         grid = torch.tensor(self.segments.edges[: index + 1], dtype=torch.float32)
         with self.target_weights():
             return sample_latent_tokens(contexts, noise, grid, guidance)
 
+    @torch.no_grad()
+    def teacher_trajectory(
+        self, contexts: ImageContexts, guidance: list[CFGConfig], noise: torch.Tensor, index: int
+    ) -> torch.Tensor:
+        """The teacher's ODE from `noise` to the lower edge of segment `index`, `teacher_steps` Euler steps
+        a segment: where the teacher's own trajectory is when the student's jump lands."""
+        edges = self.segments.edges[: index + 2]
+        pieces = [torch.linspace(a, b, self.teacher_steps + 1)[:-1] for a, b in zip(edges, edges[1:])]
+        grid = torch.cat([*pieces, torch.tensor(edges[-1:])])
+        return euler_sample(
+            lambda x, t, i: self.velocity(contexts, x, t, guidance, self.teacher), noise, grid
+        )
+
     def jump_start(
         self, batch: GenerationBatch, contexts: ImageContexts, guidance: list[CFGConfig]
-    ) -> tuple[torch.Tensor, float, int]:
-        """(x_t, t, segment index) of this step's jump: see the module docstring on `start`."""
+    ) -> tuple[torch.Tensor, float, int, torch.Tensor | None]:
+        """(x_t, t, segment index, the rollout's noise or None) of this step's jump: see the module
+        docstring on `start`."""
         if self.start == "rollout":
             index = int(torch.randint(self.segments.num_segments, (), generator=self.step_generator))
             t = self.segments.bounds(index)[1]
-            return self.rollout_state(contexts, guidance, index), t, index
+            noise = self.fresh_noise(contexts)
+            return self.rollout_state(contexts, guidance, noise, index), t, index, noise
         clean = batch.clean_tokens(self.model)
         t, index = self.segments.sample(self.batch_generator)
-        return add_noise(clean, self.randn(clean.shape, like=clean), t), t, index
+        return add_noise(clean, self.randn(clean.shape, like=clean), t), t, index, None
 
-    def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
-        guidance, contexts = self.guidance(batch), self.prefill(batch)
-        x_t, t, index = self.jump_start(batch, contexts, guidance)
+    @torch.no_grad()
+    def jump_target(
+        self,
+        contexts: ImageContexts,
+        guidance: list[CFGConfig],
+        x_t: torch.Tensor,
+        t: float,
+        index: int,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Where the jump from x_t should land: see the module docstring on `rollout_target`."""
+        if self.rollout_target == "noise":
+            return self.teacher_trajectory(contexts, guidance, noise, index)
         lower = self.segments.bounds(index)[0]
-        time, edge = torch.tensor(t), torch.tensor(lower)
-
-        with torch.no_grad(), self.target_weights():
-            target = consistency_target(
+        with self.target_weights():
+            return consistency_target(
                 lambda x, s: self.velocity(contexts, x, s, guidance, self.teacher),
                 lambda x, s: self.velocity(contexts, x, s, guidance),
                 x_t,
@@ -174,6 +218,13 @@ class DistillTSCDStage(GenerationDistillStage):
                 teacher_span=self.teacher_span * (t - lower),
                 teacher_steps=self.teacher_steps,
             )
+
+    def training_updates(self, batch: GenerationBatch, batch_idx: int) -> None:
+        guidance, contexts = self.guidance(batch), self.prefill(batch)
+        x_t, t, index, noise = self.jump_start(batch, contexts, guidance)
+        lower = self.segments.bounds(index)[0]
+        time, edge = torch.tensor(t), torch.tensor(lower)
+        target = self.jump_target(contexts, guidance, x_t, t, index, noise)
         jump = euler_jump(x_t, self.velocity(contexts, x_t, time, guidance), t, lower)
 
         step = self.global_step
