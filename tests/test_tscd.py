@@ -300,30 +300,6 @@ def test_task_weights_scale_the_consistency_term(tmp_path: Path, stage1_dir: Pat
     torch.testing.assert_close(consistency, 2 * mse)
 
 
-def test_segment_weights_scale_the_consistency_term(tmp_path: Path, stage1_dir: Path) -> None:
-    """A jump's consistency term enters the generator's loss times its segment's weight."""
-    seed_everything(0)
-    weights = [3.0, 5.0, 7.0, 11.0, 13.0, 17.0]
-    stage = DistillTSCDStage(
-        model=str(stage1_dir),
-        start="rollout",
-        consistency_loss="mse",
-        segment_weights=weights,
-        optimizer=partial(torch.optim.AdamW, lr=1e-3),
-    )
-    trainer = _trainer(tmp_path, 1, [])
-    trainer.fit(stage, _data())
-    metrics = trainer.callback_metrics
-    weight = weights[int(metrics["train/generator/segment"])]
-    torch.testing.assert_close(
-        metrics["train/generator/loss"], weight * metrics["train/generator/consistency"]
-    )
-    with pytest.raises(ValueError, match="segment_weights must be 6 positive numbers"):
-        DistillTSCDStage(model=str(stage1_dir), start="rollout", segment_weights=[1.0, 2.0])
-    with pytest.raises(ValueError, match="segment_weights must be 3 positive numbers"):
-        DistillTSCDStage(model=str(stage1_dir), segment_weights=[1.0, 0.0, 1.0])
-
-
 def test_tscd_fits_through_the_cli_and_exports_a_loadable_student(tmp_path: Path, stage1_dir: Path) -> None:
     config = tmp_path / "tscd.yaml"
     config.write_text(

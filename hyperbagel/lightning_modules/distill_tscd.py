@@ -73,10 +73,6 @@ class DistillTSCDStage(GenerationDistillStage):
         consistency_loss: None (the paper), "mse" or "huber" on jump vs target.
         consistency_weight: weight schedule of the consistency term.
         huber_delta: Huber threshold.
-        segment_weights: weight of the consistency term for a jump in each segment (default 1 each). The
-            early jumps of a rollout are missed by far less than the last (their MSE is 10-100x smaller),
-            so a plain mean leaves them almost no gradient although their errors carry through the rest
-            of the trajectory; weights rebalance them.
         task_weights: weight of each task's samples in the consistency term (default 1 each; see
             `CFGDistillStage`).
         **kwargs: `GenerationDistillStage` arguments (model, teacher, guidance, sampling grid, ...).
@@ -94,7 +90,6 @@ class DistillTSCDStage(GenerationDistillStage):
         consistency_loss: str | None = None,
         consistency_weight: LinearRamp | None = None,
         huber_delta: float = 0.1,
-        segment_weights: list[float] | None = None,
         task_weights: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -128,18 +123,6 @@ class DistillTSCDStage(GenerationDistillStage):
         self.consistency_weight = consistency_weight or LinearRamp(1.0 if consistency_loss else 0.0)
         self.huber_delta = huber_delta
         self.task_weights = task_loss_weights(task_weights)
-        self.segment_weights = self.checked_segment_weights(segment_weights)
-
-    def checked_segment_weights(self, weights: list[float] | None) -> list[float]:
-        """One positive weight per segment (1 each when not given)."""
-        count = self.segments.num_segments
-        if weights is None:
-            return [1.0] * count
-        if len(weights) != count or any(not w > 0 for w in weights):
-            raise ValueError(
-                f"segment_weights must be {count} positive numbers (one a segment), got {weights}"
-            )
-        return [float(w) for w in weights]
 
     def segments_for(self, edges: list[float] | None) -> Segments:
         """The configured segments; under rollout starts, the student's sampling grid (its float32 times)."""
@@ -254,8 +237,7 @@ class DistillTSCDStage(GenerationDistillStage):
         if self.consistency_kind is not None:
             misses = consistency_loss(jump, target, self.consistency_kind, self.huber_delta, per_sample=True)
             losses["consistency"] = task_weighted_mean(misses, batch.kinds, self.task_weights)
-            weight = self.consistency_weight(step) * self.segment_weights[index]
-            total = total + weight * losses["consistency"]
+            total = total + self.consistency_weight(step) * losses["consistency"]
         losses["target_mse"] = F.mse_loss(jump.detach().float(), target.float())
         losses["segment"] = torch.tensor(float(index))
         self.update("generator", {"loss": total, **losses})
