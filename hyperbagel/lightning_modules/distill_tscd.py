@@ -21,7 +21,8 @@ What a rollout jump aims at is a choice too. `rollout_target="state"` continues 
 state the student reached, so an early error is carried on, not undone. `rollout_target="noise"` aims at
 the teacher's own trajectory from the same initial noise (integrated from that noise to the jump's lower
 edge): the expert's corrective action of DAgger, which steers the student back onto the teacher's path
-and fits, step by step, the few-step sample to the teacher's sample from the same noise.
+and fits, step by step, the few-step sample to the teacher's sample from the same noise (on the shapes
+demo its 6-step student scored level with the state target's: README, "Distillation").
 """
 
 from __future__ import annotations
