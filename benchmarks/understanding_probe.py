@@ -36,7 +36,7 @@ from hyperbagel.backbone.inference import BagelInferencer
 from hyperbagel.datamodules.shapes import ShapesWorld, VQASample
 from hyperbagel.datamodules.shapes_datamodule import ShapesDataModule
 from hyperbagel.datamodules.shapes_scene import Scene
-from hyperbagel.datamodules.shapes_text import describe_scene
+from hyperbagel.datamodules.shapes_text import described_question
 from hyperbagel.evaluation.suite import evaluate_understanding
 from hyperbagel.lightning_modules.pretrain import PretrainStage
 
@@ -94,7 +94,7 @@ def score(stage: PretrainStage, questions: list[VQASample]) -> dict[str, Any]:
     with_image = evaluate_understanding(inferencer, questions)
     blanks = [replace(q, scene=Scene((), q.scene.canvas_size)) for q in questions]
     blank = evaluate_understanding(inferencer, blanks)
-    described = [replace(q, question=f"{describe_scene(q.scene)}\n{q.question}") for q in questions]
+    described = [replace(q, question=described_question(q.scene, q.question)) for q in questions]
     reading = evaluate_understanding(inferencer, described, show_image=False)
     stage.model.train()
     return {

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from hyperbagel.datamodules.shapes import SPLITS, ShapesWorld
-from hyperbagel.datamodules.shapes_text import describe_scene
+from hyperbagel.datamodules.shapes_text import described_question
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -152,9 +152,8 @@ def export_shapes_world(
                 s.image.save(image_root / relative, format="PNG")
                 follow_ups = world.follow_up_questions(s.scene, vqa_follow_ups, key=f"{split}|{i}")
                 row = {"id": f"{name}_{i:06d}", "category": s.category, "scene": s.scene.to_json()}
-                described = f"{describe_scene(s.scene)}\n{s.question}"
                 image_turns = _conversation([(f"<image>\n{s.question}", s.answer), *follow_ups])
-                text_turns = _conversation([(described, s.answer), *follow_ups])
+                text_turns = _conversation([(described_question(s.scene, s.question), s.answer), *follow_ups])
                 f.write(json.dumps({**row, "image": relative, "conversations": image_turns}) + "\n")
                 text_f.write(json.dumps({**row, "conversations": text_turns}) + "\n")
         info["vlm_sft"] = {

@@ -200,3 +200,9 @@ def describe_scene(scene: Scene) -> str:
             relation = RELATION_PHRASES[dominant_relation(a, b)]
             sentences.append(f"{definite(*a.identity)} is {relation} {definite(*b.identity)} .")
     return " ".join(sentences)
+
+
+def described_question(scene: Scene, question: str) -> str:
+    """`question` asked about the scene's written description instead of its image: the text-only
+    understanding rows the exporter writes (`vqa_text`) and the probes' reading test share this form."""
+    return f"{describe_scene(scene)}\n{question}"

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hyperbagel.backbone.flow import CFGConfig, add_noise, euler_sample
+from hyperbagel.backbone.flow import CFGConfig, add_noise
 from hyperbagel.backbone.inference import ImageContexts, sample_latent_tokens
 from hyperbagel.callbacks.discriminator import find_discriminator
 from hyperbagel.callbacks.ema import require_ema
@@ -177,9 +177,8 @@ class DistillTSCDStage(GenerationDistillStage):
         edges = self.segments.edges[: index + 2]
         pieces = [torch.linspace(a, b, self.teacher_steps + 1)[:-1] for a, b in zip(edges, edges[1:])]
         grid = torch.cat([*pieces, torch.tensor(edges[-1:])])
-        return euler_sample(
-            lambda x, t, i: self.velocity(contexts, x, t, guidance, self.teacher), noise, grid
-        )
+        with self.teacher.applied(self.model) as teacher:  # once for the whole integration
+            return sample_latent_tokens(contexts.for_model(teacher), noise, grid, guidance)
 
     def jump_start(
         self, batch: GenerationBatch, contexts: ImageContexts, guidance: list[CFGConfig]
