@@ -3,11 +3,13 @@
     python benchmarks/generation.py --teacher outputs/shapes/teacher --student outputs/shapes/distill_cfg \\
         --student-steps 49 --out outputs/shapes/benchmarks/distill_cfg.json
 
-Both models run the shapes world's test split with the same prompts, edits and initial noise per sample
+Both models run the shapes world's test split (or `--split val`, where sampler settings are
+chosen) with the same prompts, edits and initial noise per sample
 (`--seed + i`, drawn in latent space), scored by `hyperbagel.evaluation.suite` (GenEval categories,
 editing instruction / preservation). The teacher samples as BAGEL does: `--teacher-timesteps` grid points
 (50 = 49 steps) with text CFG (and image CFG for edits); the student takes `--student-steps` steps on the
-same shifted grid and, when CFG-distilled, one pass per step with the same scales embedded. Any stage's
+same shifted grid (Euler, or `--student-solver unipc`: the same model calls, each step also using the
+earlier ones) and, when CFG-distilled, one pass per step with the same scales embedded. Any stage's
 output works: stage 1 at its own steps, stages 2 and 3 at 6. `--deployment` adds the paper's deployment
 (the teacher prefills the contexts, the student's generation weights denoise) as `student_deployed`.
 
@@ -42,7 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hyperbagel.backbone.bagel import Bagel
 from hyperbagel.backbone.checkpoint import from_pretrained
-from hyperbagel.backbone.flow import RENORM_TYPES, CFGConfig, sampling_schedule
+from hyperbagel.backbone.flow import RENORM_TYPES, SOLVERS, CFGConfig, sampling_schedule
 from hyperbagel.backbone.inference import (
     BagelInferencer,
     build_image_contexts,
@@ -87,6 +89,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shift", type=float, default=3.0, help="timestep shift of the teacher's grid")
     parser.add_argument(
         "--student-shift", type=float, default=3.0, help="timestep shift of the student's grid"
+    )
+    parser.add_argument(
+        "--student-solver",
+        choices=tuple(SOLVERS),
+        default="euler",
+        help="ODE solver over the student's grid (the teacher samples with BAGEL's Euler)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="test",
+        help="shapes-world split to score (choose sampler settings on val, report test)",
     )
     parser.add_argument("--text-scale", type=float, default=4.0)
     parser.add_argument("--img-scale", type=float, default=2.0)
@@ -150,11 +164,12 @@ def interleaved_seconds(runs: dict[str, Callable[[int], object]], count: int) ->
 
 
 class ModelUnderTest(NamedTuple):
-    """A model as the benchmark samples it: its inferencer and its timestep grid."""
+    """A model as the benchmark samples it: its inferencer, its timestep grid and its solver."""
 
     inferencer: BagelInferencer
     num_timesteps: int
     shift: float
+    solver: str = "euler"
 
 
 def timing_runs(
@@ -166,7 +181,7 @@ def timing_runs(
     """One batch-1 text-to-image and one batch-1 edit call of a model, by sample index."""
     t2i_cfg, edit_cfg = cfgs(args)
     inferencer = model.inferencer
-    sampling = {"num_timesteps": model.num_timesteps, "timestep_shift": model.shift}
+    sampling = {"num_timesteps": model.num_timesteps, "timestep_shift": model.shift, "solver": model.solver}
 
     def t2i(i: int) -> object:
         sample = t2i_samples[i % len(t2i_samples)]
@@ -188,10 +203,10 @@ def model_report(
     edit_samples: list[EditSample],
 ) -> tuple[dict[str, Any], TaskResult, TaskResult]:
     """The quality part of one model's JSON entry, and its text-to-image and editing results."""
-    inferencer, num_timesteps, shift = model
+    inferencer, num_timesteps, shift, solver = model
     t2i_cfg, edit_cfg = cfgs(args)
-    t2i_sampler = SamplerSettings(num_timesteps, shift, t2i_cfg)
-    edit_sampler = SamplerSettings(num_timesteps, shift, edit_cfg)
+    t2i_sampler = SamplerSettings(num_timesteps, shift, t2i_cfg, solver)
+    edit_sampler = SamplerSettings(num_timesteps, shift, edit_cfg, solver)
     t2i = evaluate_t2i(inferencer, t2i_samples, t2i_sampler, args.batch_size, args.seed)
     edit = evaluate_edit(inferencer, edit_samples, edit_sampler, args.batch_size, args.seed)
     grid = sampling_schedule(num_timesteps, shift)
@@ -265,13 +280,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
     check_generation_keys(own, shapes, args.student, candidate_adds_guidance=True)
     world = ShapesWorld(args.canvas_size, args.world_seed)
-    t2i_samples = [s for c in T2I_CATEGORIES for s in world.samples("t2i", "test", args.n_t2i, category=c)]
-    edit_samples = world.samples("edit", "test", args.n_edit)
+    t2i_samples = [
+        s for c in T2I_CATEGORIES for s in world.samples("t2i", args.split, args.n_t2i, category=c)
+    ]
+    edit_samples = world.samples("edit", args.split, args.n_edit)
 
     models = {
         "teacher": ModelUnderTest(BagelInferencer(teacher, tokenizer), args.teacher_timesteps, args.shift),
         "student": ModelUnderTest(
-            BagelInferencer(student, tokenizer), args.student_steps + 1, args.student_shift
+            BagelInferencer(student, tokenizer),
+            args.student_steps + 1,
+            args.student_shift,
+            args.student_solver,
         ),
     }
     if args.deployment:
@@ -281,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             original.add_guidance_embedders()
         weights = GenerationWeights.load(args.student, original, check_shared=True)
         deployed = DeployedInferencer(original, tokenizer, weights)
-        models["student_deployed"] = ModelUnderTest(deployed, args.student_steps + 1, args.student_shift)
+        models["student_deployed"] = models["student"]._replace(inferencer=deployed)
     summary: dict[str, Any] = {}
     t2i_results, edit_results = {}, {}
     for name, model in models.items():
@@ -328,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "n_timing": args.n_timing,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "split": args.split,
         "world_seed": args.world_seed,
         "canvas_size": args.canvas_size,
         "threads": torch.get_num_threads(),

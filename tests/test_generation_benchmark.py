@@ -59,6 +59,10 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
         "2",
         "--deployment",
         "--sequential-cfg-teacher",
+        "--student-solver",
+        "unipc",
+        "--split",
+        "val",
     )
     for name in ("teacher", "student", "student_deployed"):
         entry = summary[name]
@@ -71,6 +75,11 @@ def test_benchmark_reports_teacher_and_student(tmp_path: Path, tiny_bagel, shape
     assert (summary["teacher"]["nfe_t2i"], summary["teacher"]["nfe_edit"]) == (4, 6)
     assert (summary["student"]["nfe_t2i"], summary["student"]["nfe_edit"]) == (2, 2)
     assert summary["student"]["sampler"]["t2i"]["num_timesteps"] == 3
+    assert [summary[name]["sampler"]["edit"]["solver"] for name in ("teacher", "student")] == [
+        "euler",
+        "unipc",
+    ]
+    assert summary["settings"]["split"] == "val"
     for task in ("t2i", "edit"):
         key = f"seconds_per_image_{task}"
         assert summary[f"speedup_{task}"] == pytest.approx(summary["teacher"][key] / summary["student"][key])

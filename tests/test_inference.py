@@ -1,5 +1,6 @@
 """Inference primitives: cached contexts, batched text generation and CFG image sampling."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -119,6 +120,25 @@ def test_text_to_image_batch_seed_and_explicit_noise(tiny_bagel, shapes_tokenize
     assert list(first.getdata()) == list(again.getdata())
     with pytest.raises(ValueError, match="multiple of the image stride"):
         inferencer.text_to_image(prompts[0], height=18, width=16)
+
+
+def test_unipc_solver_keeps_one_forward_a_step(tiny_bagel, shapes_tokenizer) -> None:
+    """Same model evaluations as Euler; its first step is Euler's, so at one step the images agree."""
+    inferencer = BagelInferencer(tiny_bagel, shapes_tokenizer)
+    calls = []
+    handle = tiny_bagel.llm2vae.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] // 16))
+    guidance = CFGConfig(text_scale=4.0, interval=(0.4, 1.0))
+    kwargs = {"height": 16, "width": 16, "seed": 3, "cfg": guidance}
+    unipc = inferencer.text_to_image("a red circle", num_timesteps=6, solver="unipc", **kwargs)[0]
+    handle.remove()
+    assert sum(calls) == count_nfe(sampling_schedule(6, 3.0), guidance)
+    euler = inferencer.text_to_image("a red circle", num_timesteps=6, **kwargs)[0]
+    assert list(unipc.getdata()) != list(euler.getdata())
+    one_step = [
+        np.asarray(inferencer.text_to_image("a red circle", num_timesteps=2, solver=s, **kwargs)[0], float)
+        for s in ("euler", "unipc")
+    ]
+    assert np.abs(one_step[0] - one_step[1]).max() <= 1
 
 
 def test_model_evaluations_match_the_nfe_count(tiny_bagel, shapes_tokenizer) -> None:

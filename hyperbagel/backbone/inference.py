@@ -35,8 +35,8 @@ from hyperbagel.backbone.flow import (
     TimeLike,
     cfg_combine,
     count_nfe,
-    euler_sample,
     sampling_schedule,
+    solve,
 )
 from hyperbagel.backbone.image_transforms import vae_input, vit_input
 from hyperbagel.backbone.kv_cache import KVCache
@@ -360,10 +360,11 @@ def sample_latent_tokens(
     timesteps: torch.Tensor,
     cfg: Guidance,
     callback: StepCallback | None = None,
+    solver: str = "euler",
 ) -> torch.Tensor:
-    """Euler-integrate from `noise` [B, N, D] along `timesteps` (1 -> 0) with guidance (one setting, or one
-    per sample); returns x0 tokens."""
-    return euler_sample(lambda x, t, i: contexts.velocity(x, t, cfg), noise, timesteps, callback)
+    """Integrate from `noise` [B, N, D] along `timesteps` (1 -> 0) with guidance (one setting, or one per
+    sample) and the named solver (BAGEL's Euler, or "unipc"; see `flow.solve`); returns the final tokens."""
+    return solve(solver, lambda x, t, i: contexts.velocity(x, t, cfg), noise, timesteps, callback)
 
 
 def default_t2i_cfg() -> CFGConfig:
@@ -430,8 +431,10 @@ class BagelInferencer:
         cfg: CFGConfig | None = None,
         seed: int | Sequence[int] | None = None,
         noise: torch.Tensor | None = None,
+        solver: str = "euler",
     ) -> list[Image.Image]:
-        """Generate one image per prompt; `num_timesteps` grid points give num_timesteps - 1 steps (BAGEL)."""
+        """Generate one image per prompt; `num_timesteps` grid points give num_timesteps - 1 steps (BAGEL).
+        `solver`: "euler" (BAGEL's) or "unipc" (same model calls, for few-step students; `flow.solve`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         cfg = cfg or default_t2i_cfg()
         if cfg.img_scale > 1.0:
@@ -443,7 +446,7 @@ class BagelInferencer:
         with_cfg = cfg.text_scale > 1.0 and not self.model.has_guidance_embedders
         no_text = no_text if with_cfg else None
         contexts = build_image_contexts(self.model, conditional, no_text, None, grid, self.sequential_cfg)
-        return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
+        return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise, solver)
 
     def edit(
         self,
@@ -454,8 +457,10 @@ class BagelInferencer:
         cfg: CFGConfig | None = None,
         seed: int | Sequence[int] | None = None,
         noise: torch.Tensor | None = None,
+        solver: str = "euler",
     ) -> list[Image.Image]:
-        """Edit each image by its instruction; the output has the (stride-rounded) input size."""
+        """Edit each image by its instruction; the output has the (stride-rounded) input size. Sampler
+        arguments as in `text_to_image`."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         instructions = [instructions] if isinstance(instructions, str) else list(instructions)
         if len(images) != len(instructions):
@@ -469,7 +474,7 @@ class BagelInferencer:
         no_text = no_text if text_cfg else None
         no_image = no_image if text_cfg and cfg.img_scale > 1.0 else None
         contexts = build_image_contexts(self.model, conditional, no_text, no_image, grid, self.sequential_cfg)
-        return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise)
+        return self._sample(contexts, num_timesteps, timestep_shift, cfg, seed, noise, solver)
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
         stride = self.config.image_stride
@@ -485,6 +490,7 @@ class BagelInferencer:
         cfg: CFGConfig,
         seed: int | Sequence[int] | None,
         noise: torch.Tensor | None,
+        solver: str,
     ) -> list[Image.Image]:
         if noise is None:
             noise = initial_noise(self.model, contexts.batch_size, contexts.grid, seed)
@@ -493,5 +499,5 @@ class BagelInferencer:
                 self.model.device, self.model.dtype
             )
         timesteps = sampling_schedule(num_timesteps, timestep_shift, device=self.model.device)
-        tokens = sample_latent_tokens(contexts, noise, timesteps, cfg)
+        tokens = sample_latent_tokens(contexts, noise, timesteps, cfg, solver=solver)
         return tensor_to_pil(self.model.decode_tokens(tokens, contexts.grid))

@@ -37,11 +37,17 @@ ANSWER_MARGIN = 8
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """An image sampler: BAGEL's Euler grid of `num_timesteps` points shifted by `shift`, and its CFG."""
+    """An image sampler: BAGEL's grid of `num_timesteps` points shifted by `shift`, its CFG, and the ODE
+    solver over the grid (BAGEL's "euler", or "unipc"; one model call a step either way)."""
 
     num_timesteps: int = 50
     shift: float = 3.0
     cfg: CFGConfig = field(default_factory=default_t2i_cfg)
+    solver: str = "euler"
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The grid and solver arguments of `BagelInferencer.text_to_image` / `edit`."""
+        return {"num_timesteps": self.num_timesteps, "timestep_shift": self.shift, "solver": self.solver}
 
     @property
     def nfe(self) -> int:
@@ -57,6 +63,7 @@ class SamplerSettings:
             "interval": list(self.cfg.interval),
             "renorm_type": self.cfg.renorm_type,
             "renorm_min": self.cfg.renorm_min,
+            "solver": self.solver,
         }
 
 
@@ -111,10 +118,9 @@ def evaluate_t2i(
     def run(part: slice) -> list[Image.Image]:
         images = inferencer.text_to_image(
             [s.prompt for s in samples[part]],
-            num_timesteps=sampler.num_timesteps,
-            timestep_shift=sampler.shift,
             cfg=sampler.cfg,
             seed=[seed + i for i in range(part.start, part.stop)],
+            **sampler.sampling_kwargs(),
         )
         return [to_canvas(image, canvas) for image in images]
 
@@ -139,10 +145,9 @@ def evaluate_edit(
         images = inferencer.edit(
             [s.source_image for s in samples[part]],
             [s.instruction for s in samples[part]],
-            num_timesteps=sampler.num_timesteps,
-            timestep_shift=sampler.shift,
             cfg=sampler.cfg,
             seed=[seed + i for i in range(part.start, part.stop)],
+            **sampler.sampling_kwargs(),
         )
         return [to_canvas(image, canvas) for image in images]
 
