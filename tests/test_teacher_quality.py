@@ -48,6 +48,7 @@ def test_benchmark_runs_on_a_tiny_checkpoint(tmp_path: Path, tiny_bagel, shapes_
         "interval": [0.0, 1.0],
         "renorm_type": "global",
         "renorm_min": 0.0,
+        "solver": "euler",
     }
     assert summary["sampler"]["edit"]["img_scale"] == 2.0
     assert summary["sampler"]["edit"]["renorm_type"] == "text_channel"
