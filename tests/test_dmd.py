@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from hyperbagel.backbone.checkpoint import from_pretrained, save_pretrained
-from hyperbagel.backbone.flow import add_noise, predict_x0, sampling_schedule
+from hyperbagel.backbone.flow import add_noise, predict_x0, sampling_schedule, unipc_sample
+from hyperbagel.backbone.inference import initial_noise, sample_latent_tokens
 from hyperbagel.callbacks.discriminator import AdversarialDiscriminator, TokenDiscriminator
 from hyperbagel.datamodules.generation_datamodule import GenerationDataModule
 from hyperbagel.distillation.dmd import dmd_gradient, dmd_loss, fake_score_loss, rerun_step, roll_trajectory
@@ -114,6 +115,29 @@ def test_ode_trajectory_reuse_reruns_exactly_the_stored_step() -> None:
     assert student.weight.grad is not None and float(student.weight.grad.abs().sum()) > 0
     with pytest.raises(IndexError, match="step 6"):
         rerun_step(student, trajectory, 6)
+
+
+def test_unipc_trajectory_keeps_the_states_its_velocities_saw() -> None:
+    """The solver's stored inputs re-run exactly, and its sample is the UniPC sampler's."""
+    torch.manual_seed(0)
+    student, noise = LinearVelocity(4), torch.randn(2, 5, 4)
+    timesteps = sampling_schedule(7, 3.0)
+    seen = []
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return student(x, t)
+
+    trajectory = roll_trajectory(velocity, noise, timesteps, solver="unipc")
+    assert trajectory.num_steps == 6 and all(torch.equal(a, b) for a, b in zip(trajectory.states, seen))
+    with torch.no_grad():
+        assert torch.equal(trajectory.sample, unipc_sample(lambda x, t, i: student(x, t), noise, timesteps))
+        euler = roll_trajectory(student, noise, timesteps).sample
+    assert not torch.allclose(trajectory.sample, euler)
+    for i in (0, 5):
+        assert torch.equal(rerun_step(student, trajectory, i).detach(), trajectory.x0[i])
+    with pytest.raises(ValueError, match="no ODE solver"):
+        roll_trajectory(student, noise, timesteps, mode="sde", fresh_noise=torch.randn_like, solver="unipc")
 
 
 def test_sde_trajectory_renoises_every_step_with_fresh_noise() -> None:
@@ -249,6 +273,32 @@ def test_fake_score_interpolates_with_the_trajectory_noise_or_fresh_noise(
     trainer.fit(stage, _data())
     assert seen["fake"].shape == seen["trajectory"].shape
     assert torch.equal(seen["fake"], seen["trajectory"]) == (score_noise == "trajectory")
+
+
+def test_dmdo_rolls_and_validates_with_the_students_solver(
+    monkeypatch: pytest.MonkeyPatch, stage2_dir: Path
+) -> None:
+    """`sample_solver="unipc"`: the trajectories the generator learns from and the validation samples are
+    the sampler's it is deployed with."""
+    import hyperbagel.lightning_modules.distill_dmdo as dmdo
+
+    solvers = []
+
+    def recording_roll(*args, **kwargs):
+        trajectory = roll_trajectory(*args, **kwargs)
+        solvers.append(args[5])
+        return trajectory
+
+    monkeypatch.setattr(dmdo, "roll_trajectory", recording_roll)
+    stage = DistillDMDOStage(model=str(stage2_dir), teacher=str(stage2_dir), sample_solver="unipc")
+    trainer = quiet_trainer(stage2_dir.parent, 1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(stage, _data())
+    assert solvers == ["unipc"]  # the student's trajectory; the teacher's (a real-score fit) stays Euler
+    batch = next(iter(_data().split("val")))
+    contexts, guidance = stage.prefill(batch), stage.guidance(batch)
+    noise = initial_noise(stage.model, len(batch), batch.grid, stage.val_seed)
+    expected = sample_latent_tokens(contexts, noise, stage.sampling_timesteps(), guidance, solver="unipc")
+    assert torch.equal(stage.sample_pair(batch)[1], expected)
 
 
 @pytest.mark.parametrize(

@@ -254,6 +254,15 @@ def test_noise_anchored_target_needs_rollout_starts_and_the_whole_segment(stage1
         DistillTSCDStage(model=str(stage1_dir), start="rollout", rollout_target="noise", teacher_span=0.5)
 
 
+def test_sampler_solvers_are_checked(stage1_dir: Path) -> None:
+    """Any stage refuses an unknown solver; rollout starts train Euler steps, so they need Euler states."""
+    with pytest.raises(ValueError, match="sample_solver must be one of"):
+        DistillTSCDStage(model=str(stage1_dir), consistency_loss="mse", sample_solver="heun")
+    with pytest.raises(ValueError, match="it needs sample_solver='euler'"):
+        DistillTSCDStage(model=str(stage1_dir), start="rollout", teacher_span=1.0, sample_solver="unipc")
+    DistillTSCDStage(model=str(stage1_dir), consistency_loss="mse", sample_solver="unipc")  # validation only
+
+
 @pytest.mark.parametrize("rollout_target", ["state", "noise"])
 def test_rollout_tscd_trains_without_clean_latents(
     tmp_path: Path, stage1_dir: Path, monkeypatch: pytest.MonkeyPatch, rollout_target: str

@@ -1,12 +1,12 @@
 """Distribution matching distillation along the student's own ODE trajectory (DMDO).
 
-DMD (DMD2) moves a few-step generator's samples along the difference of two denoisers: the teacher's
-("real") and one trained on the generator's own samples ("fake"). DMDO keeps the generator an ODE
-sampler: the student's 6-step Euler trajectory from noise x_T is rolled once and stored; the fake model
-learns the velocity `x_T - x_0` on straight interpolations between x_T and the trajectory's end x_0;
-the generator re-runs one stored step with gradients, interpolates its x0 prediction with the same x_T
-at a fresh time, and follows the DMD gradient there. The SDE-style variant (standard DMD / consistency
-multistep sampling) re-noises every step and every interpolation with fresh noise instead.
+DMD (DMD2) moves a few-step generator's samples along the difference of two denoisers: the teacher's ("real")
+and one trained on the generator's own samples ("fake"). DMDO keeps the generator an ODE sampler: the
+student's 6-step ODE trajectory (Euler, or the solver it is deployed with) from noise x_T is rolled once and
+stored; the fake model learns the velocity `x_T - x_0` on straight interpolations between x_T and the
+trajectory's end x_0; the generator re-runs one stored step with gradients, interpolates its x0 prediction
+with the same x_T at a fresh time, and follows the DMD gradient there. The SDE-style variant (standard DMD /
+consistency multistep sampling) re-noises every step and every interpolation with fresh noise instead.
 
 Conventions are BAGEL's (`hyperbagel.backbone.flow`): `x_t = (1 - t) x0 + t eps`, `v = eps - x0`.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hyperbagel.backbone.flow import add_noise, predict_x0, velocity_target
+from hyperbagel.backbone.flow import add_noise, predict_x0, solve, velocity_target
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -50,31 +50,34 @@ def roll_trajectory(
     timesteps: torch.Tensor,
     mode: str = "ode",
     fresh_noise: NoiseFn | None = None,
+    solver: str = "euler",
 ) -> Trajectory:
     """Run the student from `noise` over `timesteps` (1 -> 0) and keep every step's input and x0.
 
-    "ode": Euler steps `x <- x - (t_i - t_{i+1}) v`. "sde": `x <- (1 - t_{i+1}) x0_i + t_{i+1} eps` with
-    `eps = fresh_noise(x)` drawn anew at every step.
+    "ode": the ODE solver's steps (`flow.solve`: Euler `x <- x - (t_i - t_{i+1}) v`, or UniPC, whose
+    stored inputs are the states its velocities are computed at). "sde": `x <- (1 - t_{i+1}) x0_i +
+    t_{i+1} eps` with `eps = fresh_noise(x)` drawn anew at every step (no solver).
     """
     if mode not in TRAJECTORY_MODES:
         raise ValueError(f"trajectory mode must be one of {TRAJECTORY_MODES}, got {mode!r}")
-    if mode == "sde" and fresh_noise is None:
-        raise ValueError("an SDE-style trajectory needs fresh_noise")
+    if mode == "sde" and (fresh_noise is None or solver != "euler"):
+        raise ValueError(f"an SDE-style trajectory needs fresh_noise and no ODE solver, got {solver!r}")
     grid = timesteps.to(torch.float32)
     if grid.ndim != 1 or grid.numel() < 2 or float(grid[-1]) != 0.0:
         raise ValueError(f"timesteps must be a 1-D grid ending at 0, got {grid.tolist()}")
-    x = noise
     states, x0s = [], []
-    for i in range(grid.numel() - 1):
-        t, t_next = grid[i], grid[i + 1]
-        v = velocity(x, t)
-        x0 = predict_x0(x, v, t)
+
+    def keep(i: int, t: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> None:
         states.append(x)
-        x0s.append(x0)
-        if mode == "ode":
-            x = (x - (t - t_next).to(x.device) * v).to(x.dtype)
-        else:
-            x = add_noise(x0, fresh_noise(x), t_next)
+        x0s.append(predict_x0(x, v, t))
+
+    if mode == "ode":
+        x = solve(solver, lambda x, t, i: velocity(x, t), noise, grid, keep)
+    else:
+        x = noise
+        for i in range(grid.numel() - 1):
+            keep(i, grid[i], x, velocity(x, grid[i]))
+            x = add_noise(x0s[-1], fresh_noise(x), grid[i + 1])
     return Trajectory(noise=noise, timesteps=grid, states=states, x0=x0s, sample=x, mode=mode)
 
 

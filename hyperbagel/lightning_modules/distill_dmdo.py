@@ -1,14 +1,14 @@
 """Stage 3, DMDO: distribution matching distillation along the student's own ODE trajectory.
 
-Per batch the student's few-step Euler trajectory is rolled from noise x_T (no gradients) and kept. The
-fake-score model, a trainable side copy of the generation side (`side_copies`: sharing the student's frozen
-understanding weights, or a separate sharded model under FSDP2), regresses the velocity `x_T - x_0` at
-straight interpolations of x_T and the trajectory's end x_0 (every batch). Every `generator_every` steps the
-generator re-runs one stored step with gradients, interpolates its x0 prediction with the same x_T at a
-fresh time, and follows DMD2's normalised gradient between the fake and the real (teacher) x0 predictions
-there. With `mode="sde"` the trajectory, the fake model's interpolations and the generator's
-re-interpolation use fresh noise instead (standard DMD with re-noised steps; the paper's ablation). No extra
-regulariser by default, as in the paper.
+Per batch the student's few-step trajectory (its `sample_solver`, Euler by default) is rolled from noise x_T
+(no gradients) and kept. The fake-score model, a trainable side copy of the generation side (`side_copies`:
+sharing the student's frozen understanding weights, or a separate sharded model under FSDP2), regresses the
+velocity `x_T - x_0` at straight interpolations of x_T and the trajectory's end x_0 (every batch). Every
+`generator_every` steps the generator re-runs one stored step with gradients, interpolates its x0 prediction
+with the same x_T at a fresh time, and follows DMD2's normalised gradient between the fake and the real
+(teacher) x0 predictions there. With `mode="sde"` the trajectory, the fake model's interpolations and the
+generator's re-interpolation use fresh noise instead (standard DMD with re-noised steps; the paper's
+ablation). No extra regulariser by default, as in the paper.
 
 Three options go beyond the paper's description where it leaves the two scores apart or the student short:
 
@@ -231,6 +231,7 @@ class DistillDMDOStage(GenerationDistillStage):
             self.sampling_timesteps(),
             self.mode,
             self.noise_like,
+            self.sample_solver,
         )
 
         # the fake score learns the student's distribution, a learned real score the teacher's

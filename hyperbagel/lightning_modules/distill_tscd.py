@@ -113,6 +113,11 @@ class DistillTSCDStage(GenerationDistillStage):
                 f"it needs start='rollout' and teacher_span=1.0, got start={start!r}, "
                 f"teacher_span={teacher_span}"
             )
+        if start == "rollout" and self.sample_solver != "euler":
+            raise ValueError(
+                "start='rollout' trains the student's Euler steps from the states its Euler sampler reaches: "
+                f"it needs sample_solver='euler', got {self.sample_solver!r}"
+            )
         self.start = start
         self.rollout_target = rollout_target
         self.segments = self.segments_for(segments)

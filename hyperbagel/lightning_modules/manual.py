@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torchvision.utils import make_grid
 
-from hyperbagel.backbone.flow import CFGConfig, sampling_schedule
+from hyperbagel.backbone.flow import SOLVERS, CFGConfig, sampling_schedule
 from hyperbagel.backbone.inference import (
     ImageContexts,
     build_image_contexts,
@@ -322,6 +322,9 @@ class GenerationDistillStage(ManualStage):
         t2i_cfg / edit_cfg: guidance of text-to-image / edit samples, for every model (a guidance-distilled
             model embeds the scales; a CFG teacher runs the passes).
         sample_steps / sample_shift: the student's sampling grid, `sampling_schedule(steps + 1, shift)`.
+        sample_solver: the student's ODE solver over that grid ("euler", BAGEL's, or "unipc"; one model call
+            a step either way), for its validation samples and DMDO's trajectories (TSCD's jumps are Euler
+            steps by construction).
         val_teacher_steps: the teacher's steps for the validation reference sample.
         val_seed: validation noise.
         grid_examples: teacher-vs-student samples (same noise) logged to TensorBoard per validation.
@@ -338,6 +341,7 @@ class GenerationDistillStage(ManualStage):
         edit_cfg: CFGConfig | None = None,
         sample_steps: int = 6,
         sample_shift: float = 3.0,
+        sample_solver: str = "euler",
         val_teacher_steps: int = 25,
         val_seed: int = 0,
         grid_examples: int = 4,
@@ -348,10 +352,13 @@ class GenerationDistillStage(ManualStage):
             raise ValueError(
                 f"sample_steps and val_teacher_steps must be >= 1, got {sample_steps}, {val_teacher_steps}"
             )
+        if sample_solver not in SOLVERS:
+            raise ValueError(f"sample_solver must be one of {tuple(SOLVERS)}, got {sample_solver!r}")
         self.teacher_source = teacher
         self.cfgs = {"t2i": t2i_cfg or default_t2i_cfg(), "edit": edit_cfg or default_edit_cfg()}
         self.sample_steps = sample_steps
         self.sample_shift = sample_shift
+        self.sample_solver = sample_solver
         self.val_teacher_steps = val_teacher_steps
         self.val_seed = val_seed
         self.grid_examples = grid_examples
@@ -418,7 +425,9 @@ class GenerationDistillStage(ManualStage):
         """(teacher, student) clean tokens [B, N, D] from the same seeded noise."""
         contexts, guidance = self.prefill(batch), self.guidance(batch)
         noise = initial_noise(self.model, len(batch), batch.grid, self.val_seed)
-        student = sample_latent_tokens(contexts, noise, self.sampling_timesteps(), guidance)
+        student = sample_latent_tokens(
+            contexts, noise, self.sampling_timesteps(), guidance, solver=self.sample_solver
+        )
         with self.teacher.applied(self.model) as model:
             teacher_steps = self.sampling_timesteps(self.val_teacher_steps)
             teacher = sample_latent_tokens(contexts.for_model(model), noise, teacher_steps, guidance)
