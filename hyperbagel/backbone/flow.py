@@ -162,6 +162,7 @@ def unipc_sample(
         raise ValueError(f"the UniPC sampler integrates to t = 0: the grid ends at {float(grid[-1])}")
     scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     scheduler.set_timesteps(sigmas=grid[:-1].double().cpu().numpy(), device=x.device)
+    scheduler.set_begin_index(0)  # count steps from the first, not by looking up its integer timestep
     for i, timestep in enumerate(scheduler.timesteps):
         v = velocity_fn(x, grid[i], i)
         if v.shape != x.shape:
