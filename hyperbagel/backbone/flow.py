@@ -116,6 +116,14 @@ def _as_grid(
     return grid
 
 
+def _velocity(velocity_fn: VelocityFn, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+    """`velocity_fn(x, t, i)`, refused unless it has the state's shape (a solver would broadcast it)."""
+    v = velocity_fn(x, t, i)
+    if v.shape != x.shape:
+        raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for a state of shape {tuple(x.shape)}")
+    return v
+
+
 def euler_sample(
     velocity_fn: VelocityFn,
     x: torch.Tensor,
@@ -132,11 +140,7 @@ def euler_sample(
     dts = grid[:-1] - grid[1:]
     for i in range(grid.numel() - 1):
         t = grid[i]
-        v = velocity_fn(x, t, i)
-        if v.shape != x.shape:
-            raise ValueError(
-                f"velocity_fn returned shape {tuple(v.shape)} for a state of shape {tuple(x.shape)}"
-            )
+        v = _velocity(velocity_fn, x, t, i)
         if callback is not None:
             callback(i, t, x, v)
         x = x - v * dts[i]
@@ -164,11 +168,7 @@ def unipc_sample(
     scheduler.set_timesteps(sigmas=grid[:-1].double().cpu().numpy(), device=x.device)
     scheduler.set_begin_index(0)  # count steps from the first, not by looking up its integer timestep
     for i, timestep in enumerate(scheduler.timesteps):
-        v = velocity_fn(x, grid[i], i)
-        if v.shape != x.shape:
-            raise ValueError(
-                f"velocity_fn returned shape {tuple(v.shape)} for a state of shape {tuple(x.shape)}"
-            )
+        v = _velocity(velocity_fn, x, grid[i], i)
         if callback is not None:
             callback(i, grid[i], x, v)
         x = scheduler.step(v.float(), timestep, x.float()).prev_sample.to(x.dtype)
