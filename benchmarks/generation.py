@@ -3,15 +3,15 @@
     python benchmarks/generation.py --teacher outputs/shapes/teacher --student outputs/shapes/distill_cfg \\
         --student-steps 49 --out outputs/shapes/benchmarks/distill_cfg.json
 
-Both models run the shapes world's test split (or `--split val`, where sampler settings are
-chosen) with the same prompts, edits and initial noise per sample
-(`--seed + i`, drawn in latent space), scored by `hyperbagel.evaluation.suite` (GenEval categories,
-editing instruction / preservation). The teacher samples as BAGEL does: `--teacher-timesteps` grid points
-(50 = 49 steps) with text CFG (and image CFG for edits); the student takes `--student-steps` steps on the
-same shifted grid (Euler, or `--student-solver unipc`: the same model calls, each step also using the
-earlier ones) and, when CFG-distilled, one pass per step with the same scales embedded. Any stage's
-output works: stage 1 at its own steps, stages 2 and 3 at 6. `--deployment` adds the paper's deployment
-(the teacher prefills the contexts, the student's generation weights denoise) as `student_deployed`.
+Both models run the shapes world's test split (or `--split val`, where sampler settings are chosen) with
+the same prompts, edits and initial noise per sample (`--seed + i`, drawn in latent space), scored by
+`hyperbagel.evaluation.suite` (GenEval categories, editing instruction / preservation). The teacher
+samples as BAGEL does: `--teacher-timesteps` grid points (50 = 49 steps) with text CFG (and image CFG for
+edits); the student takes `--student-steps` steps on the same shifted grid (Euler, or `--student-solver
+unipc`: the same model calls, each step also using the earlier ones) and, when CFG-distilled, one pass per
+step with the same scales embedded. Any stage's output works: stage 1 at its own steps, stages 2 and 3 at
+6. `--deployment` adds the paper's deployment (the teacher prefills the contexts, the student's generation
+weights denoise) as `student_deployed`.
 
 Speed: `seconds_per_image_*` is the median over `--n-timing` batch-1 prompts / edits per task, the models
 taking turns image by image after one warm-up call each, context prefill and VAE decoding included;
