@@ -178,6 +178,14 @@ def unipc_sample(
 SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"euler": euler_sample, "unipc": unipc_sample}
 
 
+def check_solver(solver: str, name: str = "solver") -> str:
+    """`solver` if it names one of `SOLVERS`; `name` is the option the error names (so a config can be
+    refused before any sampling)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"{name} must be one of {tuple(SOLVERS)}, got {solver!r}")
+    return solver
+
+
 def solve(
     solver: str,
     velocity_fn: VelocityFn,
@@ -186,9 +194,7 @@ def solve(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Integrate with the named solver ("euler", BAGEL's, or "unipc"); one model call per grid step."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
-    return SOLVERS[solver](velocity_fn, x, timesteps, callback)
+    return SOLVERS[check_solver(solver)](velocity_fn, x, timesteps, callback)
 
 
 @dataclass

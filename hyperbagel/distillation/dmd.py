@@ -60,8 +60,10 @@ def roll_trajectory(
     """
     if mode not in TRAJECTORY_MODES:
         raise ValueError(f"trajectory mode must be one of {TRAJECTORY_MODES}, got {mode!r}")
-    if mode == "sde" and (fresh_noise is None or solver != "euler"):
-        raise ValueError(f"an SDE-style trajectory needs fresh_noise and no ODE solver, got {solver!r}")
+    if mode == "sde" and fresh_noise is None:
+        raise ValueError("an SDE-style trajectory needs fresh_noise")
+    if mode == "sde" and solver != "euler":
+        raise ValueError(f"an SDE-style trajectory re-noises each step: no ODE solver, got {solver!r}")
     grid = timesteps.to(torch.float32)
     if grid.ndim != 1 or grid.numel() < 2 or float(grid[-1]) != 0.0:
         raise ValueError(f"timesteps must be a 1-D grid ending at 0, got {grid.tolist()}")

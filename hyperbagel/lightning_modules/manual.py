@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torchvision.utils import make_grid
 
-from hyperbagel.backbone.flow import SOLVERS, CFGConfig, sampling_schedule
+from hyperbagel.backbone.flow import CFGConfig, check_solver, sampling_schedule
 from hyperbagel.backbone.inference import (
     ImageContexts,
     build_image_contexts,
@@ -352,13 +352,11 @@ class GenerationDistillStage(ManualStage):
             raise ValueError(
                 f"sample_steps and val_teacher_steps must be >= 1, got {sample_steps}, {val_teacher_steps}"
             )
-        if sample_solver not in SOLVERS:
-            raise ValueError(f"sample_solver must be one of {tuple(SOLVERS)}, got {sample_solver!r}")
         self.teacher_source = teacher
         self.cfgs = {"t2i": t2i_cfg or default_t2i_cfg(), "edit": edit_cfg or default_edit_cfg()}
         self.sample_steps = sample_steps
         self.sample_shift = sample_shift
-        self.sample_solver = sample_solver
+        self.sample_solver = check_solver(sample_solver, "sample_solver")
         self.val_teacher_steps = val_teacher_steps
         self.val_seed = val_seed
         self.grid_examples = grid_examples
