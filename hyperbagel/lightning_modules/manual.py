@@ -27,6 +27,7 @@ validation that compares the student's few-step samples with the teacher's from 
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,9 @@ class ManualStage(BagelStage):
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be positive, got {gradient_clip_val}")
         self.automatic_optimization = False
+        # Lightning warns at every manual-optimization checkpoint that it holds the state after the step;
+        # here that is the state global_step counts, so a resumed run continues exactly (tested)
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.on_nonfinite = on_nonfinite
